@@ -1,0 +1,6 @@
+//! ddstor, the storage agent of a Xen driver domain.
+//!
+//! The library half of the `ddstor` binary: the command-line front end lives in [`cli`], and
+//! later the daemon's core (SRs, VDIs, datapath state), differencing and datapath modules.
+
+pub mod cli;
