@@ -332,17 +332,18 @@ impl MetaStore {
 }
 
 fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>> {
-    serde_json::to_vec_pretty(v).map_err(|e| Error::Internal(format!("serialising metadata: {e}")))
+    serde_json::to_vec_pretty(v)
+        .map_err(|e| Error::InternalError(format!("serialising metadata: {e}")))
 }
 
 fn corrupt(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::Backend {
-        code: "METADATA_CORRUPT".into(),
-        params: vec![format!(
+    Error::backend(
+        "METADATA_CORRUPT",
+        vec![format!(
             "{}: {e}; move the file aside (or restore it from backup) and attach the SR again",
             path.display()
         )],
-    }
+    )
 }
 
 /// `(path, stem)` of every `*.json` file (not temporaries) in `dir`, sorted by name.

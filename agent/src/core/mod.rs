@@ -9,6 +9,7 @@
 //! - blocking file-system work runs on tokio's blocking pool;
 //! - arguments are validated before anything touches the disk.
 
+pub mod api;
 pub mod datapath;
 pub mod error;
 pub mod meta;
@@ -739,9 +740,10 @@ fn checked_path(p: &str) -> Result<PathBuf> {
             .any(|c| matches!(c, std::path::Component::ParentDir))
         || p.contains('\0')
     {
-        return Err(invalid(format!(
-            "device_config path {p:?} must be an absolute path without `..`"
-        )));
+        return Err(invalid(
+            "device_config.path",
+            format!("device_config path {p:?} must be an absolute path without `..`"),
+        ));
     }
     Ok(path.to_path_buf())
 }
@@ -751,7 +753,9 @@ fn checked_path(p: &str) -> Result<PathBuf> {
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r,
-        Err(e) => Err(Error::Internal(format!("storage operation aborted: {e}"))),
+        Err(e) => Err(Error::InternalError(format!(
+            "storage operation aborted: {e}"
+        ))),
     }
 }
 

@@ -2,7 +2,7 @@
 //! operation, each journaled and recoverable. The async front end in `core/mod.rs` serialises
 //! calls per VDI and runs these on tokio's blocking pool.
 
-use super::error::{backend, io, Error, Result};
+use super::error::{backend, io, Result};
 use super::meta::{JournalEntry, JournalOp, MetaStore, SrMeta, VdiRecord};
 use super::{sys, time, validate};
 use crate::differencing::{list_nodes, node_file, ChainIndex, Format};
@@ -97,10 +97,10 @@ impl Sr {
     ) -> Result<Self> {
         let meta = MetaStore::new(root, fp.clone());
         if !meta.exists() {
-            return Err(Error::DoesNotExist(
-                "SR".into(),
+            return Err(backend(
+                interface::codes::SR_DOES_NOT_EXIST,
                 format!(
-                    "{uuid} (no SR at {}: create it with SR.create, or pass device_config path)",
+                    "no SR {uuid} at {}: create it with SR.create, or pass device_config path",
                     root.display()
                 ),
             ));

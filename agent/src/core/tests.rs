@@ -227,7 +227,7 @@ async fn snapshot_and_clone_use_the_double_child_scheme() {
 
     // Destroying everything collects every hidden base; then the SR can be destroyed.
     assert!(
-        matches!(st.sr_destroy(SR).await, Err(Error::Backend { code, .. }) if code == "SR_NOT_EMPTY")
+        matches!(st.sr_destroy(SR).await, Err(Error::BackendError { code, .. }) if code == "SR_NOT_EMPTY")
     );
     for u in [&v.uuid, &snap.uuid, &clone.uuid] {
         st.vdi_destroy(SR, u).await.unwrap();
@@ -238,7 +238,7 @@ async fn snapshot_and_clone_use_the_double_child_scheme() {
     assert!(!root.exists());
     assert!(matches!(
         st.sr_attach(SR, &BTreeMap::new()).await,
-        Err(Error::DoesNotExist(..))
+        Err(Error::BackendError { code, .. }) if code == "SR_DOES_NOT_EXIST"
     ));
 }
 
@@ -250,7 +250,7 @@ async fn a_second_engine_cannot_attach_a_locked_sr() {
     let b = engine(dir.path());
     let err = b.sr_attach(SR, &BTreeMap::new()).await.unwrap_err();
     assert!(
-        matches!(&err, Error::Backend { code, .. } if code == "SR_LOCKED"),
+        matches!(&err, Error::BackendError { code, .. } if code == "SR_LOCKED"),
         "{err}"
     );
     assert!(
@@ -313,7 +313,8 @@ async fn bad_arguments_are_typed_errors_that_change_nothing() {
         .record;
     let before = disk_state(dir.path());
     let unknown = "99999999-9999-9999-9999-999999999999";
-    let invalid = |e: Error| matches!(e, Error::Backend { code, .. } if code == "INVALID_ARGUMENT");
+    let invalid =
+        |e: Error| matches!(e, Error::BackendError { code, .. } if code == "INVALID_ARGUMENT");
     for bad in [
         "../etc",
         "a/b",
@@ -405,7 +406,7 @@ async fn destroy_is_refused_while_a_datapath_is_recorded() {
     .unwrap();
     let err = st.vdi_destroy(SR, &v.uuid).await.unwrap_err();
     assert!(
-        matches!(&err, Error::Backend { code, .. } if code == "VDI_IN_USE"),
+        matches!(&err, Error::BackendError { code, .. } if code == "VDI_IN_USE"),
         "{err}"
     );
     st.vdi_set_datapaths(SR, &v.uuid, |d| d.clear())
@@ -427,7 +428,7 @@ async fn sr_create_refuses_an_existing_sr_and_honours_device_config_path() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, Error::Backend { code, .. } if code == "SR_EXISTS"),
+        matches!(&err, Error::BackendError { code, .. } if code == "SR_EXISTS"),
         "{err}"
     );
     // Attach without a path finds it where it was created.
@@ -686,4 +687,112 @@ async fn diagnostics_describe_srs_and_vdis() {
         .record;
     let d = st.diagnostics().await;
     assert!(d.contains(SR) && d.contains(&v.uuid), "{d}");
+}
+
+#[tokio::test]
+async fn handle_maps_xapi_calls_to_the_engine() {
+    use interface::{Call, Response};
+    let dir = tempfile::tempdir().unwrap();
+    let st = engine(dir.path());
+    let call = |m: &str, j: serde_json::Value| Call::from_json(m, j).unwrap();
+    let r = st
+        .handle(call("Query.query", serde_json::json!({})))
+        .await
+        .unwrap();
+    let Response::Query(q) = r else {
+        panic!("{r:?}")
+    };
+    assert!(q.features.contains(&"VDI_SNAPSHOT".to_string()));
+    assert!(
+        !q.features.iter().any(|f| f == "VDI_ATTACH"),
+        "datapath not implemented yet"
+    );
+    let r = st
+        .handle(call(
+            "SR.create",
+            serde_json::json!({"sr": SR, "name_label": "x"}),
+        ))
+        .await
+        .unwrap();
+    let Response::DeviceConfig(dc) = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(dc["path"], dir.path().join(SR).display().to_string());
+    let e = st
+        .handle(call("SR.scan", serde_json::json!({"sr": SR})))
+        .await
+        .unwrap_err();
+    assert_eq!(e.name(), "Sr_not_attached");
+    st.handle(call("SR.attach", serde_json::json!({"sr": SR})))
+        .await
+        .unwrap();
+    let r = st
+        .handle(call(
+            "VDI.create",
+            serde_json::json!({"sr": SR, "vdi_info": {"name_label": "d", "virtual_size": "3000000"}}),
+        ))
+        .await
+        .unwrap();
+    let Response::VdiInfo(v) = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(v.virtual_size, 4 << 20);
+    assert_eq!(v.uuid.as_deref(), Some(v.vdi.as_str()));
+    st.handle(call(
+        "VDI.set_content_id",
+        serde_json::json!({"sr": SR, "vdi": v.vdi, "content_id": "cid"}),
+    ))
+    .await
+    .unwrap();
+    let r = st
+        .handle(call(
+            "VDI.snapshot",
+            serde_json::json!({"sr": SR, "vdi_info": {"vdi": v.vdi, "name_label": "s"}}),
+        ))
+        .await
+        .unwrap();
+    let Response::VdiInfo(s) = r else {
+        panic!("{r:?}")
+    };
+    assert!(s.is_a_snapshot && s.read_only);
+    assert_eq!(s.snapshot_of, v.vdi);
+    assert_eq!(s.content_id, "cid");
+    let r = st
+        .handle(call("SR.scan", serde_json::json!({"sr": SR})))
+        .await
+        .unwrap();
+    let Response::VdiInfos(all) = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(all.len(), 2);
+    let r = st
+        .handle(call("SR.stat", serde_json::json!({"sr": SR})))
+        .await
+        .unwrap();
+    let Response::SrInfo(info) = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(info.name_label, "x");
+    assert!(info.total_space > 0);
+    let r = st
+        .handle(call("SR.list", serde_json::json!({})))
+        .await
+        .unwrap();
+    assert_eq!(r, Response::SrList(vec![interface::SrId::new(SR)]));
+    let e = st
+        .handle(call(
+            "VDI.stat",
+            serde_json::json!({"sr": SR, "vdi": "../x"}),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.backend_code(), Some("INVALID_ARGUMENT"));
+    let e = st
+        .handle(call(
+            "VDI.attach2",
+            serde_json::json!({"sr": SR, "vdi": v.vdi, "dp": "d", "read_write": true}),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.name(), "Unimplemented");
 }

@@ -34,7 +34,7 @@ pub fn uuid(kind: &str, id: &str) -> Result<String> {
         });
     if !ok {
         let shown: String = id.chars().take(64).collect();
-        return Err(invalid(format!(
+        return Err(invalid(kind, format!(
             "{kind} id {shown:?} is not a UUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx); pass the id that SR.scan or VDI.create returned"
         )));
     }
@@ -44,28 +44,35 @@ pub fn uuid(kind: &str, id: &str) -> Result<String> {
 /// Checks a requested virtual size and rounds it up to [`BLOCK_SIZE`].
 pub fn virtual_size(requested: i64) -> Result<u64> {
     if requested <= 0 {
-        return Err(invalid(format!(
-            "virtual_size {requested} must be positive (bytes)"
-        )));
+        return Err(invalid(
+            "virtual_size",
+            format!("virtual_size {requested} must be positive (bytes)"),
+        ));
     }
     let r = requested as u64;
     if r > MAX_VIRTUAL_SIZE {
-        return Err(invalid(format!(
-            "virtual_size {r} exceeds the VHD maximum of {MAX_VIRTUAL_SIZE} bytes (2040 GiB)"
-        )));
+        return Err(invalid(
+            "virtual_size",
+            format!(
+                "virtual_size {r} exceeds the VHD maximum of {MAX_VIRTUAL_SIZE} bytes (2040 GiB)"
+            ),
+        ));
     }
     Ok(r.div_ceil(BLOCK_SIZE) * BLOCK_SIZE)
 }
 
 fn text(field: &str, value: &str, max: usize) -> Result<()> {
     if value.len() > max {
-        return Err(invalid(format!(
-            "{field} is {} bytes long; at most {max} are accepted",
-            value.len()
-        )));
+        return Err(invalid(
+            field,
+            format!(
+                "{field} is {} bytes long; at most {max} are accepted",
+                value.len()
+            ),
+        ));
     }
     if value.contains('\0') {
-        return Err(invalid(format!("{field} contains a NUL character")));
+        return Err(invalid(field, format!("{field} contains a NUL character")));
     }
     Ok(())
 }
@@ -88,10 +95,13 @@ pub fn content_id(v: &str) -> Result<()> {
 /// Checks an `sm_config` map.
 pub fn sm_config(m: &BTreeMap<String, String>) -> Result<()> {
     if m.len() > MAX_SM_CONFIG_KEYS {
-        return Err(invalid(format!(
-            "sm_config has {} keys; at most {MAX_SM_CONFIG_KEYS} are accepted",
-            m.len()
-        )));
+        return Err(invalid(
+            "sm_config",
+            format!(
+                "sm_config has {} keys; at most {MAX_SM_CONFIG_KEYS} are accepted",
+                m.len()
+            ),
+        ));
     }
     let mut total = 0;
     for (k, v) in m {
@@ -100,9 +110,10 @@ pub fn sm_config(m: &BTreeMap<String, String>) -> Result<()> {
         total += k.len() + v.len();
     }
     if total > MAX_SM_CONFIG_TOTAL {
-        return Err(invalid(format!(
-            "sm_config totals {total} bytes; at most {MAX_SM_CONFIG_TOTAL} are accepted"
-        )));
+        return Err(invalid(
+            "sm_config",
+            format!("sm_config totals {total} bytes; at most {MAX_SM_CONFIG_TOTAL} are accepted"),
+        ));
     }
     Ok(())
 }
