@@ -4,6 +4,9 @@
 //! later the daemon's core (SRs, VDIs, datapath state), differencing and datapath modules.
 
 pub mod cli;
+pub mod client;
+pub mod config;
 pub mod core;
 pub mod differencing;
 pub mod failpoint;
+pub mod server;
