@@ -143,6 +143,11 @@ const FEATURES: &[&str] = &[
 ];
 
 impl Storage {
+    /// An engine storing VHD chains, with no datapath layer.
+    pub fn new(cfg: StorageConfig) -> Self {
+        Self::with_format(cfg, Arc::new(crate::differencing::vhdfmt::VhdFormat))
+    }
+
     /// An engine over another node format (tests).
     pub fn with_format(cfg: StorageConfig, format: Arc<dyn Format>) -> Self {
         Self {
@@ -761,3 +766,5 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod vhd_tests;
