@@ -70,6 +70,11 @@ impl Mapping {
         self.len == 0
     }
 
+    /// Address of the first byte (for FFI callers that hand the mapping out as a pointer).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
     /// Drop the unmap notification (the caller already told the peer, or must not).
     pub fn disarm_notify(&mut self) {
         self.notify = None;
