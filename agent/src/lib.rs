@@ -4,3 +4,4 @@
 //! later the daemon's core (SRs, VDIs, datapath state), differencing and datapath modules.
 
 pub mod cli;
+pub mod datapath;

@@ -23,6 +23,8 @@ enum Command {
     Xs(cli::xs::XsArgs),
     /// Run the project's test xenstore server in the foreground.
     Xenstored(cli::xs::XenstoredArgs),
+    /// Serve a disk image over NBD on a unix socket (like qemu-nbd).
+    Nbd(cli::nbd::NbdArgs),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +38,7 @@ fn main() -> ExitCode {
         Command::Vhd(a) => cli::vhd::run(a),
         Command::Xs(a) => cli::xs::run(a),
         Command::Xenstored(a) => cli::xs::run_xenstored(a),
+        Command::Nbd(a) => cli::nbd::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,5 +1,6 @@
 //! The `ddstor` command line: one module per command family. Each exposes a clap `Args` type
 //! and a `run` function; `main.rs` only dispatches.
 
+pub mod nbd;
 pub mod vhd;
 pub mod xs;
