@@ -4,3 +4,6 @@
 //! later the daemon's core (SRs, VDIs, datapath state), differencing and datapath modules.
 
 pub mod cli;
+pub mod client;
+pub mod config;
+pub mod server;
