@@ -137,6 +137,11 @@ impl Agent {
         }
     }
 
+    /// One call through `ddstor call`, or `None` when the agent could not be reached (it died).
+    pub fn call_or_died(&self, method: &str, args: Value) -> Option<Result<Value, Value>> {
+        self.try_call(method, &args).ok()
+    }
+
     /// One call through `ddstor call`: Ok(result JSON) or Err(xapi error JSON, e.g.
     /// `["Sr_not_attached", "…"]`). Panics on a transport failure.
     pub fn call(&self, method: &str, args: Value) -> Result<Value, Value> {
@@ -239,4 +244,28 @@ pub fn new_uuid() -> String {
         &h[16..20],
         &h[20..32]
     )
+}
+
+/// Reads the first `len` bytes of the flattened disk of the VHD chain whose leaf is `leaf`
+/// through libvhdi's `vhdimount` (FUSE), the independent reader of differencing chains.
+pub fn read_with_vhdimount(leaf: &Path, len: usize) -> Vec<u8> {
+    crate::require_tool("vhdimount", "libvhdi-utils");
+    let mnt = tempfile::tempdir().expect("mount point");
+    let st = Command::new("vhdimount")
+        .arg(leaf)
+        .arg(mnt.path())
+        .stdout(Stdio::null())
+        .status()
+        .expect("running vhdimount");
+    assert!(st.success(), "vhdimount {} failed: {st}", leaf.display());
+    let file = mnt.path().join("vhdi1");
+    let data = (|| {
+        use std::io::Read;
+        let mut f = std::fs::File::open(&file)?;
+        let mut buf = vec![0u8; len];
+        f.read_exact(&mut buf)?;
+        Ok::<_, std::io::Error>(buf)
+    })();
+    let _ = Command::new("umount").arg(mnt.path()).status();
+    data.unwrap_or_else(|e| panic!("reading {} through vhdimount: {e}", leaf.display()))
 }
