@@ -105,7 +105,7 @@ fn workload(agent: &Agent, sr: &str, v0: &str) -> Option<Outcome> {
             }
         }
     };
-    let steps = || -> Result<(), Outcome> {
+    let mut steps = || -> Result<(), Outcome> {
         run("SR.attach", json!({"sr": sr}), Effect::None)?;
         let x = run(
             "VDI.create",
