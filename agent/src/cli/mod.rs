@@ -2,6 +2,7 @@
 //! and a `run` function; `main.rs` only dispatches.
 
 pub mod call;
+pub mod nbd;
 pub mod sr;
 pub mod vdi;
 pub mod vhd;

@@ -358,13 +358,13 @@ pub async fn run_vchan_listener(
                 }
             }
         };
-        let conn = server.spawn_connection(stream, format!("vchan dom{client}"));
+        let mut conn = server.spawn_connection(stream, format!("vchan dom{client}"));
         tokio::select! {
             _ = &mut stop => {
                 conn.abort();
                 break;
             }
-            _ = conn => {}
+            _ = &mut conn => {}
         }
     }
     tracing::info!(client, "vchan listener closed");
