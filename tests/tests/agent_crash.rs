@@ -219,6 +219,11 @@ fn crash_at(fp: &str, seed: u8) {
         "{fp} during {}: scan {now:?} is neither before {:?} nor after",
         outcome.step, outcome.before
     );
+    eprintln!(
+        "{fp}: killed during {} -> recovered to {}",
+        outcome.step.split(' ').next().unwrap_or(""),
+        if now == outcome.before { "before" } else { "after" }
+    );
     for v in &now {
         c.ok("VDI.stat", json!({"sr": sr, "vdi": v}));
     }
