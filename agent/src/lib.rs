@@ -6,5 +6,8 @@
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod core;
 pub mod datapath;
+pub mod differencing;
+pub mod failpoint;
 pub mod server;
