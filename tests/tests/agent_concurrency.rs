@@ -133,7 +133,10 @@ fn sixty_four_clients_mixed_calls_match_the_model() {
         let all = tokio::time::timeout(Duration::from_secs(240), futures::future::join_all(tasks))
             .await
             .expect("deadlock: 64 clients did not finish in 240 s");
-        let done: Vec<Done> = all.into_iter().map(|r| r.expect("client panicked")).collect();
+        let done: Vec<Done> = all
+            .into_iter()
+            .map(|r| r.expect("client panicked"))
+            .collect();
         let scan = c0.sr_scan(&sr_id).await.unwrap();
         (shared, done, scan)
     });
@@ -161,7 +164,10 @@ fn sixty_four_clients_mixed_calls_match_the_model() {
     // No lost update: every label is one that some client wrote to that VDI.
     for (v, allowed) in &labels {
         let l = &got[v].name_label;
-        assert!(allowed.contains(l), "{v}: label {l:?} was never written ({allowed:?})");
+        assert!(
+            allowed.contains(l),
+            "{v}: label {l:?} was never written ({allowed:?})"
+        );
     }
     // Every snapshot of a shared VDI points at it, and the shared VDIs kept their size.
     for d in &done {

@@ -22,7 +22,11 @@ fn failpoints() -> Vec<String> {
         .args(["serve", "--list-failpoints"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout)
         .unwrap()
         .lines()
@@ -113,18 +117,54 @@ fn workload(agent: &Agent, sr: &str, v0: &str) -> Option<Outcome> {
             Effect::Adds,
         )?;
         let x = x["vdi"].as_str().unwrap().to_string();
-        let s = run("VDI.snapshot", json!({"sr": sr, "vdi_info": {"vdi": v0}}), Effect::Adds)?;
+        let s = run(
+            "VDI.snapshot",
+            json!({"sr": sr, "vdi_info": {"vdi": v0}}),
+            Effect::Adds,
+        )?;
         let s = s["vdi"].as_str().unwrap().to_string();
-        let c = run("VDI.clone", json!({"sr": sr, "vdi_info": {"vdi": v0}}), Effect::Adds)?;
+        let c = run(
+            "VDI.clone",
+            json!({"sr": sr, "vdi_info": {"vdi": v0}}),
+            Effect::Adds,
+        )?;
         let c = c["vdi"].as_str().unwrap().to_string();
-        run("VDI.destroy", json!({"sr": sr, "vdi": s}), Effect::Removes(s.clone()))?;
-        run("VDI.destroy", json!({"sr": sr, "vdi": c}), Effect::Removes(c.clone()))?;
-        let sx = run("VDI.snapshot", json!({"sr": sr, "vdi_info": {"vdi": x}}), Effect::Adds)?;
+        run(
+            "VDI.destroy",
+            json!({"sr": sr, "vdi": s}),
+            Effect::Removes(s.clone()),
+        )?;
+        run(
+            "VDI.destroy",
+            json!({"sr": sr, "vdi": c}),
+            Effect::Removes(c.clone()),
+        )?;
+        let sx = run(
+            "VDI.snapshot",
+            json!({"sr": sr, "vdi_info": {"vdi": x}}),
+            Effect::Adds,
+        )?;
         let sx = sx["vdi"].as_str().unwrap().to_string();
-        run("VDI.destroy", json!({"sr": sr, "vdi": x}), Effect::Removes(x.clone()))?;
-        run("VDI.destroy", json!({"sr": sr, "vdi": sx}), Effect::Removes(sx.clone()))?;
-        run("VDI.set_name_label", json!({"sr": sr, "vdi": v0, "new_name_label": "v0b"}), Effect::None)?;
-        run("SR.set_name_label", json!({"sr": sr, "new_name_label": "sr2"}), Effect::None)?;
+        run(
+            "VDI.destroy",
+            json!({"sr": sr, "vdi": x}),
+            Effect::Removes(x.clone()),
+        )?;
+        run(
+            "VDI.destroy",
+            json!({"sr": sr, "vdi": sx}),
+            Effect::Removes(sx.clone()),
+        )?;
+        run(
+            "VDI.set_name_label",
+            json!({"sr": sr, "vdi": v0, "new_name_label": "v0b"}),
+            Effect::None,
+        )?;
+        run(
+            "SR.set_name_label",
+            json!({"sr": sr, "new_name_label": "sr2"}),
+            Effect::None,
+        )?;
         Ok(())
     };
     steps().err()
@@ -140,7 +180,12 @@ fn assert_no_orphans_and_chains_check(sr_dir: &Path, visible: &BTreeSet<String>,
             .unwrap_or_else(|e| panic!("{fp}: chain of {v} does not open: {e}"));
         for p in c.paths() {
             let r = vhd::check(p).unwrap_or_else(|e| panic!("{fp}: check {}: {e}", p.display()));
-            assert!(r.is_ok(), "{fp}: {} has problems: {:?}", p.display(), r.problems);
+            assert!(
+                r.is_ok(),
+                "{fp}: {} has problems: {:?}",
+                p.display(),
+                r.problems
+            );
             needed.insert(p.canonicalize().unwrap());
         }
     }
@@ -161,7 +206,11 @@ fn crash_at(fp: &str, seed: u8) {
     // Set-up without failpoints: an SR with one VDI holding known data.
     let mut a = Agent::start(root.path(), &AgentOptions::default());
     let sr = new_uuid();
-    let sr_dir = PathBuf::from(a.ok("SR.create", json!({"sr": sr}))["path"].as_str().unwrap());
+    let sr_dir = PathBuf::from(
+        a.ok("SR.create", json!({"sr": sr}))["path"]
+            .as_str()
+            .unwrap(),
+    );
     a.ok("SR.attach", json!({"sr": sr}));
     let v0 = a.ok(
         "VDI.create",
@@ -179,7 +228,8 @@ fn crash_at(fp: &str, seed: u8) {
         .unwrap();
         let want = expected_disk(seed);
         c.write_at(&want[..65536], 0).unwrap();
-        c.write_at(&want[5 << 20..(5 << 20) + 65536], 5 << 20).unwrap();
+        c.write_at(&want[5 << 20..(5 << 20) + 65536], 5 << 20)
+            .unwrap();
         c.flush().unwrap();
     }
 
@@ -196,7 +246,11 @@ fn crash_at(fp: &str, seed: u8) {
     let st = b
         .wait_exit(Duration::from_secs(10))
         .unwrap_or_else(|| panic!("{fp}: agent unreachable but still running"));
-    assert_eq!(st.signal(), Some(9), "{fp}: agent did not die by SIGKILL: {st}");
+    assert_eq!(
+        st.signal(),
+        Some(9),
+        "{fp}: agent did not die by SIGKILL: {st}"
+    );
 
     // Recovery.
     let c = Agent::start(root.path(), &AgentOptions::default());
@@ -222,21 +276,34 @@ fn crash_at(fp: &str, seed: u8) {
     eprintln!(
         "{fp}: killed during {} -> recovered to {}",
         outcome.step.split(' ').next().unwrap_or(""),
-        if now == outcome.before { "before" } else { "after" }
+        if now == outcome.before {
+            "before"
+        } else {
+            "after"
+        }
     );
     for v in &now {
         c.ok("VDI.stat", json!({"sr": sr, "vdi": v}));
     }
     assert_no_orphans_and_chains_check(&sr_dir, &now, fp);
     let want = expected_disk(seed);
-    assert!(chain_bytes(&sr_dir, &v0) == want, "{fp}: VDI v0 lost data (vhd crate)");
+    assert!(
+        chain_bytes(&sr_dir, &v0) == want,
+        "{fp}: VDI v0 lost data (vhd crate)"
+    );
     assert!(
         read_with_vhdimount(&sr_dir.join(format!("{v0}.vhd")), SIZE as usize) == want,
         "{fp}: VDI v0 lost data (libvhdi)"
     );
     // The SR stays usable.
-    let n = c.ok("VDI.create", json!({"sr": sr, "vdi_info": {"virtual_size": SIZE}}));
-    c.ok("VDI.snapshot", json!({"sr": sr, "vdi_info": {"vdi": n["vdi"]}}));
+    let n = c.ok(
+        "VDI.create",
+        json!({"sr": sr, "vdi_info": {"virtual_size": SIZE}}),
+    );
+    c.ok(
+        "VDI.snapshot",
+        json!({"sr": sr, "vdi_info": {"vdi": n["vdi"]}}),
+    );
 }
 
 #[test]
