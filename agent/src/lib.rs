@@ -4,3 +4,10 @@
 //! later the daemon's core (SRs, VDIs, datapath state), differencing and datapath modules.
 
 pub mod cli;
+pub mod client;
+pub mod config;
+pub mod core;
+pub mod datapath;
+pub mod differencing;
+pub mod failpoint;
+pub mod server;

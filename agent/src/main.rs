@@ -23,6 +23,14 @@ enum Command {
     Xs(cli::xs::XsArgs),
     /// Run the project's test xenstore server in the foreground.
     Xenstored(cli::xs::XenstoredArgs),
+    /// Serve a disk image over NBD on a unix socket (like qemu-nbd).
+    Nbd(cli::nbd::NbdArgs),
+    /// Send one xapi storage call to an agent: `ddstor call METHOD 'JSON-ARGS'`.
+    Call(cli::call::CallArgs),
+    /// SR verbs: create, attach, detach, scan, stat, list, destroy…
+    Sr(cli::sr::SrArgs),
+    /// VDI verbs: create, snapshot, clone, stat, list, destroy…
+    Vdi(cli::vdi::VdiArgs),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +44,10 @@ fn main() -> ExitCode {
         Command::Vhd(a) => cli::vhd::run(a),
         Command::Xs(a) => cli::xs::run(a),
         Command::Xenstored(a) => cli::xs::run_xenstored(a),
+        Command::Nbd(a) => cli::nbd::run(a),
+        Command::Call(a) => cli::call::run(a),
+        Command::Sr(a) => cli::sr::run(a),
+        Command::Vdi(a) => cli::vdi::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -10,6 +10,7 @@ pub mod error;
 pub mod frame;
 pub mod rpc;
 pub mod unix;
+pub mod vchan;
 
 pub use error::{Error, Result};
 pub use frame::MAX_FRAME_DEFAULT;

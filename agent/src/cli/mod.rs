@@ -1,5 +1,9 @@
 //! The `ddstor` command line: one module per command family. Each exposes a clap `Args` type
 //! and a `run` function; `main.rs` only dispatches.
 
+pub mod call;
+pub mod nbd;
+pub mod sr;
+pub mod vdi;
 pub mod vhd;
 pub mod xs;

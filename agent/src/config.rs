@@ -1,0 +1,331 @@
+//! `ddstor serve`'s configuration: a TOML file (every key optional, defaults that work) and
+//! command-line flags that override it. [`EXAMPLE`] is the documented file with every key at
+//! its default (`ddstor serve --print-config` prints it).
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The documented configuration file, every key at its default value.
+pub const EXAMPLE: &str = r#"# ddstor serve — configuration file (TOML). Every key is optional; the values below are the
+# defaults. Command-line flags override the file.
+
+# Where SRs are created by default (<data_dir>/<sr-uuid>/) and where the agent remembers SRs
+# created elsewhere. Flag: --data-dir.
+data_dir = "/var/lib/ddstor"
+
+# Extra directories SR.attach searches when device_config has no `path`: each is an SR itself
+# or holds SRs as <uuid>/ sub-directories. Flag: --sr-root (repeatable).
+sr_roots = []
+
+# This agent's own Xen domain id (the driver domain). Flag: --domid.
+domid = 0
+
+# Xen backend for vchan: "xen" (/dev/xen/* devices), "sim" (simulated grants/event channels in
+# sim_dir, no hypervisor) or "none" (no vchan; unix socket only). Flag: --xen.
+xen = "none"
+
+# Directory of the simulated Xen ("sim" backend); empty = $XEN_SIM_DIR. Flag: --xen-sim-dir.
+xen_sim_dir = ""
+
+# Seconds that in-flight calls get to finish after SIGTERM/SIGINT before the agent exits anyway.
+shutdown_grace_secs = 30
+
+[unix]
+# Unix socket served (mode 0600 in a 0700 directory); empty = no unix socket. Flag: --unix.
+path = "/run/ddstor/agent.sock"
+# Peer uids allowed to connect; empty = root and the agent's own uid. Flag: --allow-uid.
+allow_uids = []
+
+[vchan]
+# vchan port (the rendezvous key .../data/vchan/<client>/<port>/). Flag: --vchan-port.
+port = 7000
+# Client domains served over vchan, one listener each (dom0 = 0). Flag: --vchan-client.
+clients = [0]
+
+[xenstore]
+# Register the agent in xenstore (/local/domain/<domid>/data/ddstor/). Flag: --xenstore on|off.
+enabled = false
+# xenstored's unix socket; empty = $XENSTORED_PATH, else /run/xenstored/socket.
+# Flag: --xenstore-socket.
+socket = ""
+# Seconds between heartbeats (load refresh) in xenstore.
+heartbeat_secs = 5
+
+[rpc]
+# Largest frame (bytes) accepted or sent on a connection.
+max_frame = 16777216
+# Calls handled concurrently on one connection before the agent stops reading it.
+max_in_flight = 1024
+"#;
+
+/// Xen backend of the vchan transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum XenBackend {
+    /// Real Xen: `/dev/xen/gntalloc`, `gntdev`, `evtchn`.
+    Xen,
+    /// Simulated Xen in a directory (no hypervisor; tests and CI).
+    Sim,
+    /// No vchan at all.
+    None,
+}
+
+/// `[unix]`: the unix socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UnixConfig {
+    /// Socket path; empty disables the unix listener.
+    pub path: PathBuf,
+    /// Allowed peer uids; empty = root and the agent's own uid.
+    pub allow_uids: Vec<u32>,
+}
+
+impl Default for UnixConfig {
+    fn default() -> Self {
+        UnixConfig {
+            path: PathBuf::from("/run/ddstor/agent.sock"),
+            allow_uids: Vec::new(),
+        }
+    }
+}
+
+/// `[vchan]`: vchan listeners.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VchanConfig {
+    /// The vchan port.
+    pub port: u32,
+    /// Client domains served.
+    pub clients: Vec<u16>,
+}
+
+impl Default for VchanConfig {
+    fn default() -> Self {
+        VchanConfig {
+            port: 7000,
+            clients: vec![0],
+        }
+    }
+}
+
+/// `[xenstore]`: registration in xenstore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct XenstoreConfig {
+    /// Register at all.
+    pub enabled: bool,
+    /// xenstored socket; empty = `$XENSTORED_PATH` or `/run/xenstored/socket`.
+    pub socket: PathBuf,
+    /// Seconds between heartbeats.
+    pub heartbeat_secs: u64,
+}
+
+impl Default for XenstoreConfig {
+    fn default() -> Self {
+        XenstoreConfig {
+            enabled: false,
+            socket: PathBuf::new(),
+            heartbeat_secs: 5,
+        }
+    }
+}
+
+impl XenstoreConfig {
+    /// The xenstored socket to use: the configured one, else `$XENSTORED_PATH`, else the default.
+    pub fn socket_path(&self) -> PathBuf {
+        if !self.socket.as_os_str().is_empty() {
+            return self.socket.clone();
+        }
+        match std::env::var_os("XENSTORED_PATH") {
+            Some(p) if !p.is_empty() => PathBuf::from(p),
+            _ => PathBuf::from("/run/xenstored/socket"),
+        }
+    }
+}
+
+/// `[rpc]`: connection limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RpcConfig {
+    /// Largest frame in bytes.
+    pub max_frame: u32,
+    /// Concurrent calls per connection.
+    pub max_in_flight: usize,
+}
+
+impl Default for RpcConfig {
+    fn default() -> Self {
+        RpcConfig {
+            max_frame: transport::MAX_FRAME_DEFAULT,
+            max_in_flight: 1024,
+        }
+    }
+}
+
+/// The whole configuration of `ddstor serve`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Default home of SRs.
+    pub data_dir: PathBuf,
+    /// Extra directories searched by `SR.attach`.
+    pub sr_roots: Vec<PathBuf>,
+    /// Own domain id.
+    pub domid: u16,
+    /// Xen backend for vchan.
+    pub xen: XenBackend,
+    /// Simulated Xen directory (`sim` backend); empty = `$XEN_SIM_DIR`.
+    pub xen_sim_dir: PathBuf,
+    /// Grace period for in-flight calls at shutdown.
+    pub shutdown_grace_secs: u64,
+    /// Unix socket.
+    pub unix: UnixConfig,
+    /// vchan listeners.
+    pub vchan: VchanConfig,
+    /// xenstore registration.
+    pub xenstore: XenstoreConfig,
+    /// Connection limits.
+    pub rpc: RpcConfig,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            data_dir: PathBuf::from("/var/lib/ddstor"),
+            sr_roots: Vec::new(),
+            domid: 0,
+            xen: XenBackend::None,
+            xen_sim_dir: PathBuf::new(),
+            shutdown_grace_secs: 30,
+            unix: UnixConfig::default(),
+            vchan: VchanConfig::default(),
+            xenstore: XenstoreConfig::default(),
+            rpc: RpcConfig::default(),
+        }
+    }
+}
+
+/// A configuration problem: which file or key, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {message} (see `ddstor serve --print-config`)")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with the key and line.
+        message: String,
+    },
+    /// The settings contradict each other.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl AgentConfig {
+    /// Parses a TOML document (`path` only names it in errors).
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Reads and parses a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// The simulated-Xen directory: the configured one, else `$XEN_SIM_DIR`.
+    pub fn sim_dir(&self) -> Option<PathBuf> {
+        if !self.xen_sim_dir.as_os_str().is_empty() {
+            return Some(self.xen_sim_dir.clone());
+        }
+        std::env::var_os("XEN_SIM_DIR")
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+    }
+
+    /// Checks that the settings make sense together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.unix.path.as_os_str().is_empty() && self.xen == XenBackend::None {
+            return Err(ConfigError::Invalid(
+                "nothing to serve on: set unix.path (--unix) or a Xen backend (--xen sim|xen)"
+                    .into(),
+            ));
+        }
+        if self.xen == XenBackend::Sim && self.sim_dir().is_none() {
+            return Err(ConfigError::Invalid(
+                "xen = \"sim\" needs xen_sim_dir (--xen-sim-dir) or $XEN_SIM_DIR".into(),
+            ));
+        }
+        if self.xen != XenBackend::None && self.vchan.clients.is_empty() {
+            return Err(ConfigError::Invalid(
+                "vchan needs at least one client domain (vchan.clients, --vchan-client)".into(),
+            ));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid("data_dir is empty".into()));
+        }
+        if self.rpc.max_frame < 4096 || self.rpc.max_in_flight == 0 {
+            return Err(ConfigError::Invalid(
+                "rpc.max_frame must be at least 4096 and rpc.max_in_flight at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documented_example_is_exactly_the_defaults() {
+        let c = AgentConfig::from_toml(EXAMPLE, Path::new("EXAMPLE")).unwrap();
+        assert_eq!(c, AgentConfig::default());
+    }
+
+    #[test]
+    fn empty_file_gives_defaults_and_partial_tables_merge() {
+        let c = AgentConfig::from_toml("", Path::new("x")).unwrap();
+        assert_eq!(c, AgentConfig::default());
+        let c = AgentConfig::from_toml("[vchan]\nport = 9\n", Path::new("x")).unwrap();
+        assert_eq!(c.vchan.port, 9);
+        assert_eq!(c.vchan.clients, vec![0]);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_name() {
+        let e = AgentConfig::from_toml("[unix]\npaht = \"/x\"\n", Path::new("a.toml")).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("paht") && msg.contains("a.toml"), "{msg}");
+    }
+
+    #[test]
+    fn validate_refuses_nothing_to_serve_and_sim_without_dir() {
+        let mut c = AgentConfig::default();
+        c.unix.path = PathBuf::new();
+        assert!(c.validate().is_err());
+        let mut c = AgentConfig {
+            xen: XenBackend::Sim,
+            xen_sim_dir: PathBuf::from("/tmp/sim"),
+            ..AgentConfig::default()
+        };
+        assert!(c.validate().is_ok());
+        c.vchan.clients.clear();
+        assert!(c.validate().is_err());
+    }
+}

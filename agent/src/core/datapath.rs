@@ -1,0 +1,53 @@
+//! The seam between the engine and the datapath (NBD exports of attached VDIs), which the
+//! datapath issue fills in.
+//!
+//! The engine calls [`DatapathHooks`] around every change that affects a datapath: before and
+//! after a VDI's leaf file is replaced (snapshot/clone: the open chain must be paused and
+//! re-opened on the new leaf), and before an SR is detached. It refuses `VDI.destroy` while
+//! [`DatapathHooks::is_attached`] says a datapath uses the VDI, or while the VDI's persisted
+//! record lists a datapath (`VdiRecord::datapaths`), so a restarted agent knows too.
+
+use super::error::Result;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+
+/// A boxed, sendable future (hooks are object-safe).
+pub type HookFuture<'a> = Pin<Box<dyn Future<Output = Result<()>> + Send + 'a>>;
+
+/// Callbacks from the engine to the datapath layer. Every method has a no-op default, which is
+/// exactly right while no datapath exists.
+pub trait DatapathHooks: Send + Sync + std::fmt::Debug + 'static {
+    /// Whether any datapath currently uses `vdi` of `sr`.
+    fn is_attached(&self, _sr: &str, _vdi: &str) -> bool {
+        false
+    }
+
+    /// Called with the VDI's lock held, before its leaf file is renamed into a hidden base:
+    /// pause I/O, flush, close the chain.
+    fn before_leaf_change<'a>(&'a self, _sr: &'a str, _vdi: &'a str) -> HookFuture<'a> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Called with the VDI's lock held once the change is over (successful or not): re-open the
+    /// chain at `leaf` and resume I/O.
+    fn after_leaf_change<'a>(
+        &'a self,
+        _sr: &'a str,
+        _vdi: &'a str,
+        _leaf: PathBuf,
+    ) -> HookFuture<'a> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Called before an SR is detached: tear down its datapaths.
+    fn before_sr_detach<'a>(&'a self, _sr: &'a str) -> HookFuture<'a> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Hooks for an agent without datapaths.
+#[derive(Debug, Default)]
+pub struct NoDatapaths;
+
+impl DatapathHooks for NoDatapaths {}

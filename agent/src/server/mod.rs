@@ -1,0 +1,377 @@
+//! The daemon half of `ddstor serve`: accepts connections (unix socket, vchan), serves every
+//! connection concurrently over the native protocol ([`transport::rpc`]), hands each call to a
+//! [`Service`] (the storage engine), logs one `tracing` span per call, announces the agent
+//! (xenstore, through an [`Announcer`]) and shuts down gracefully.
+//!
+//! Shutdown: [`Server::shutdown`] marks the agent stopping (the announcer writes `stopping`),
+//! stops accepting connections, answers calls that arrive afterwards with
+//! `Backend_error(SHUTTING_DOWN)`, waits for in-flight calls (up to a grace period) and then
+//! deregisters.
+
+use crate::config::AgentConfig;
+use interface::{codes, Call, Reply, Response, SrId, StorageError, INTERFACES};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+use transport::rpc::{serve_connection_with, ConnOptions};
+use transport::Hello;
+
+/// A boxed, sendable future (object-safe async trait methods).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What answers calls: the storage engine (or, in tests, a fake).
+pub trait Service: Send + Sync + 'static {
+    /// Handles one call. Calls may run concurrently; the service serialises what must be.
+    fn handle(&self, call: Call) -> BoxFuture<'_, Reply>;
+
+    /// Active datapaths (the `load` published in xenstore). Default: 0.
+    fn load(&self) -> u64 {
+        0
+    }
+}
+
+/// Where the agent announces itself (xenstore registry). Errors are logged, never fatal.
+pub trait Announcer: Send + Sync + 'static {
+    /// The agent listens: publish it (state `ready`) with the SRs it serves.
+    fn ready<'a>(&'a self, srs: &'a [SrId]) -> BoxFuture<'a, Result<(), String>>;
+    /// The set of attached SRs changed.
+    fn srs_changed<'a>(&'a self, srs: &'a [SrId]) -> BoxFuture<'a, Result<(), String>>;
+    /// Periodic liveness/load refresh.
+    fn heartbeat(&self, load: u64) -> BoxFuture<'_, Result<(), String>>;
+    /// Shutdown began (state `stopping`).
+    fn stopping(&self) -> BoxFuture<'_, Result<(), String>>;
+    /// Shutdown finished: remove the registration.
+    fn deregister(&self) -> BoxFuture<'_, Result<(), String>>;
+}
+
+/// Counters of the running server (for `Query.diagnostics` and tests).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Calls currently running.
+    pub in_flight: AtomicUsize,
+    /// Calls answered since start.
+    pub calls: AtomicU64,
+    /// Calls answered with an error since start.
+    pub errors: AtomicU64,
+    /// Connections currently open.
+    pub connections: AtomicUsize,
+    /// Connections accepted since start.
+    pub connections_total: AtomicU64,
+}
+
+struct Shared {
+    service: Arc<dyn Service>,
+    hello: Hello,
+    opts: ConnOptions,
+    stats: Stats,
+    stopping: AtomicBool,
+    idle: Notify,
+    srs_changed: Notify,
+    started: Instant,
+}
+
+/// The call dispatcher shared by every connection. Cheap to clone.
+#[derive(Clone)]
+pub struct Server {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("in_flight", &self.shared.stats.in_flight)
+            .field("stopping", &self.shared.stopping)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Decrements the in-flight count when a call ends, however it ends.
+struct InFlight<'a>(&'a Shared);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.0.stats.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// True for calls after whose success the set of attached SRs may have changed.
+fn changes_srs(call: &Call) -> bool {
+    matches!(
+        call,
+        Call::SrAttach { .. } | Call::SrDetach { .. } | Call::SrDestroy { .. }
+    )
+}
+
+impl Server {
+    /// A server answering with `service`, with connection limits from `rpc`.
+    pub fn new(service: Arc<dyn Service>, max_frame: u32, max_in_flight: usize) -> Self {
+        Server {
+            shared: Arc::new(Shared {
+                service,
+                hello: Hello::new(
+                    INTERFACES.iter().copied(),
+                    format!("ddstor {}", env!("CARGO_PKG_VERSION")),
+                ),
+                opts: ConnOptions {
+                    max_frame,
+                    max_in_flight,
+                },
+                stats: Stats::default(),
+                stopping: AtomicBool::new(false),
+                idle: Notify::new(),
+                srs_changed: Notify::new(),
+                started: Instant::now(),
+            }),
+        }
+    }
+
+    /// The server's counters.
+    pub fn stats(&self) -> &Stats {
+        &self.shared.stats
+    }
+
+    /// The hello this server sends.
+    pub fn hello(&self) -> &Hello {
+        &self.shared.hello
+    }
+
+    /// Seconds since the server was made.
+    pub fn uptime(&self) -> Duration {
+        self.shared.started.elapsed()
+    }
+
+    /// True once shutdown began.
+    pub fn is_stopping(&self) -> bool {
+        self.shared.stopping.load(Ordering::Acquire)
+    }
+
+    /// Resolves when a call may have changed the set of attached SRs.
+    pub async fn srs_changed(&self) {
+        self.shared.srs_changed.notified().await
+    }
+
+    /// The attached SRs, asked of the service (`SR.list`); empty when it fails.
+    pub async fn attached_srs(&self) -> Vec<SrId> {
+        let call = Call::SrList {
+            dbg: "ddstor-registry".into(),
+        };
+        match self.shared.service.handle(call).await {
+            Ok(Response::SrList(l)) => l,
+            Ok(other) => {
+                tracing::warn!(kind = ?other.kind(), "SR.list answered with an unexpected result");
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "SR.list failed");
+                Vec::new()
+            }
+        }
+    }
+
+    /// The service's load (active datapaths).
+    pub fn load(&self) -> u64 {
+        self.shared.service.load()
+    }
+
+    /// Handles one call: one `tracing` span (method, dbg, sr, vdi, dp) with an event carrying
+    /// the duration and outcome. The service runs in its own task, so a panic in it becomes an
+    /// `Internal_error` for that call only.
+    pub async fn handle_call(&self, call: Call) -> Reply {
+        let shared = &*self.shared;
+        let span = tracing::info_span!(
+            "call",
+            method = call.method(),
+            dbg = %call.dbg(),
+            sr = %call.sr().map(SrId::as_str).unwrap_or(""),
+            vdi = %call.vdi().map(|v| v.as_str()).unwrap_or(""),
+            dp = %call.dp().map(|v| v.as_str()).unwrap_or(""),
+        );
+        async move {
+            let t0 = Instant::now();
+            let reply = if shared.stopping.load(Ordering::Acquire) {
+                Err(StorageError::backend(
+                    codes::SHUTTING_DOWN,
+                    vec![
+                        call.method().to_string(),
+                        "the agent is shutting down; retry against the restarted agent".into(),
+                    ],
+                ))
+            } else {
+                shared.stats.in_flight.fetch_add(1, Ordering::AcqRel);
+                let _guard = InFlight(shared);
+                let svc = shared.service.clone();
+                let notify_srs = changes_srs(&call);
+                let method = call.method();
+                let task = tokio::spawn(
+                    async move { svc.handle(call).await }.instrument(tracing::Span::current()),
+                );
+                let reply = match task.await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(error = %e, "call handler panicked");
+                        Err(StorageError::InternalError(format!(
+                            "{method} failed inside the agent ({e}); the agent keeps serving, \
+                             please report this with the agent's log"
+                        )))
+                    }
+                };
+                if notify_srs && reply.is_ok() {
+                    shared.srs_changed.notify_one();
+                }
+                reply
+            };
+            let duration_us = t0.elapsed().as_micros() as u64;
+            shared.stats.calls.fetch_add(1, Ordering::Relaxed);
+            match &reply {
+                Ok(_) => tracing::info!(duration_us, outcome = "ok", "call done"),
+                Err(e) => {
+                    shared.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(duration_us, outcome = e.name(), error = %e, "call failed")
+                }
+            }
+            reply
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Serves one connection in a new task until the peer leaves or the connection breaks
+    /// (the reason is logged; other connections are unaffected).
+    pub fn spawn_connection<S>(&self, stream: S, peer: String) -> JoinHandle<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let server = self.clone();
+        let span = tracing::info_span!("conn", peer = %peer);
+        tokio::spawn(
+            async move {
+                let stats = &server.shared.stats;
+                stats.connections.fetch_add(1, Ordering::Relaxed);
+                stats.connections_total.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("connection open");
+                let hello = server.shared.hello.clone();
+                let opts = server.shared.opts;
+                let s2 = server.clone();
+                let result = serve_connection_with(stream, hello, opts, move |call: Call| {
+                    let s = s2.clone();
+                    async move { s.handle_call(call).await }
+                })
+                .await;
+                stats.connections.fetch_sub(1, Ordering::Relaxed);
+                match result {
+                    Ok(()) => tracing::debug!("connection closed"),
+                    Err(e) => tracing::info!(reason = %e, "connection ended"),
+                }
+            }
+            .instrument(span),
+        )
+    }
+
+    /// Marks the server stopping (new calls are refused) and waits up to `grace` for in-flight
+    /// calls to finish. Returns the number of calls still running when it gave up (0 = drained).
+    pub async fn shutdown(&self, grace: Duration) -> usize {
+        self.shared.stopping.store(true, Ordering::Release);
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let idle = self.shared.idle.notified();
+            let n = self.shared.stats.in_flight.load(Ordering::Acquire);
+            if n == 0 {
+                return 0;
+            }
+            tracing::info!(in_flight = n, "waiting for in-flight calls");
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return self.shared.stats.in_flight.load(Ordering::Acquire);
+            }
+        }
+    }
+
+    /// A human-readable summary of the server (prepended to `Query.diagnostics`).
+    pub fn diagnostics(&self) -> String {
+        let s = &self.shared.stats;
+        format!(
+            "server: uptime {}s, connections {} open / {} total, calls {} ({} errors), {} in flight, stopping {}\n",
+            self.uptime().as_secs(),
+            s.connections.load(Ordering::Relaxed),
+            s.connections_total.load(Ordering::Relaxed),
+            s.calls.load(Ordering::Relaxed),
+            s.errors.load(Ordering::Relaxed),
+            s.in_flight.load(Ordering::Relaxed),
+            self.is_stopping(),
+        )
+    }
+}
+
+/// Accepts unix connections until `stop` resolves; each is served in its own task.
+pub async fn run_unix_listener(
+    server: Server,
+    listener: transport::unix::UnixServer,
+    stop: impl Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            r = listener.accept() => match r {
+                Ok((stream, cred)) => {
+                    let peer = format!("unix uid {} pid {}", cred.uid.0, cred.pid.unwrap_or(-1));
+                    server.spawn_connection(stream, peer);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    tracing::info!(path = %listener.path().display(), "unix listener closed");
+}
+
+/// Keeps the announcer up to date: SR changes as they happen, load every `heartbeat`.
+pub async fn run_announcer(server: Server, announcer: Arc<dyn Announcer>, heartbeat: Duration) {
+    let mut tick = tokio::time::interval(heartbeat.max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = server.srs_changed() => {
+                let srs = server.attached_srs().await;
+                if let Err(e) = announcer.srs_changed(&srs).await {
+                    tracing::warn!(error = %e, "cannot publish the SR list");
+                }
+            }
+            _ = tick.tick() => {
+                if let Err(e) = announcer.heartbeat(server.load()).await {
+                    tracing::warn!(error = %e, "heartbeat failed");
+                }
+            }
+        }
+    }
+}
+
+/// Everything `ddstor serve` needs besides the engine: validated config.
+pub fn allow_uids(cfg: &AgentConfig) -> Vec<transport::unix::Uid> {
+    if cfg.unix.allow_uids.is_empty() {
+        let me = transport::unix::Uid::current();
+        let mut v = vec![transport::unix::Uid(0)];
+        if me.0 != 0 {
+            v.push(me);
+        }
+        v
+    } else {
+        cfg.unix
+            .allow_uids
+            .iter()
+            .map(|u| transport::unix::Uid(*u))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;

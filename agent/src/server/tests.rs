@@ -1,0 +1,189 @@
+//! Server tests over a real unix socket with a fake in-memory service (the engine has its own
+//! tests; the end-to-end tests in `tests/` drive the real one).
+
+use super::*;
+use crate::client::{AgentClient, ClientError};
+use interface::{QueryResult, VdiId};
+use std::sync::Mutex;
+
+/// Answers Query.query, SR.list, and VDI.stat (after sleeping `sleep_ms` = the vdi name as a
+/// number, to make slow calls); panics on VDI.destroy.
+#[derive(Default)]
+struct Fake {
+    srs: Mutex<Vec<SrId>>,
+}
+
+impl Service for Fake {
+    fn handle(&self, call: Call) -> BoxFuture<'_, Reply> {
+        Box::pin(async move {
+            match call {
+                Call::QueryQuery { .. } => Ok(Response::Query(QueryResult {
+                    driver: "fake".into(),
+                    name: "fake".into(),
+                    description: String::new(),
+                    vendor: String::new(),
+                    copyright: String::new(),
+                    version: "0".into(),
+                    required_api_version: "5.0".into(),
+                    features: vec![],
+                    configuration: Default::default(),
+                    required_cluster_stack: vec![],
+                })),
+                Call::SrList { .. } => Ok(Response::SrList(self.srs.lock().unwrap().clone())),
+                Call::SrAttach { sr, .. } => {
+                    self.srs.lock().unwrap().push(sr);
+                    Ok(Response::Unit)
+                }
+                Call::VdiStat { vdi, .. } => {
+                    let ms: u64 = vdi.as_str().parse().unwrap_or(0);
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    Ok(Response::VdiInfo(interface::VdiInfo {
+                        vdi,
+                        ..Default::default()
+                    }))
+                }
+                Call::VdiDestroy { .. } => panic!("fake engine bug"),
+                other => Err(StorageError::Unimplemented(other.method().into())),
+            }
+        })
+    }
+}
+
+async fn start() -> (
+    Server,
+    tempfile::TempDir,
+    std::path::PathBuf,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run/agent.sock");
+    let server = Server::new(Arc::new(Fake::default()), 1 << 20, 64);
+    let listener = transport::unix::UnixServer::bind(&path, &[transport::unix::Uid::current()])
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(run_unix_listener(server.clone(), listener, async {
+        let _ = rx.await;
+    }));
+    (server, dir, path, tx)
+}
+
+fn stat(ms: u64) -> Call {
+    Call::VdiStat {
+        dbg: "t".into(),
+        sr: "sr".into(),
+        vdi: VdiId::new(ms.to_string()),
+    }
+}
+
+#[tokio::test]
+async fn calls_over_unix_get_typed_results_and_errors() {
+    let (server, _dir, path, _stop) = start().await;
+    let c = AgentClient::connect_unix(&path).await.unwrap();
+    assert_eq!(c.agent_hello().interfaces, INTERFACES);
+    assert_eq!(c.query().await.unwrap().driver, "fake");
+    let e = c.sr_scan(&"x".into()).await.unwrap_err();
+    assert!(
+        matches!(&e, ClientError::Storage(StorageError::Unimplemented(m)) if m == "SR.scan"),
+        "{e}"
+    );
+    assert_eq!(server.stats().calls.load(Ordering::Relaxed), 2);
+    assert_eq!(server.stats().errors.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn a_panicking_call_is_an_internal_error_and_the_connection_survives() {
+    let (_server, _dir, path, _stop) = start().await;
+    let c = AgentClient::connect_unix(&path).await.unwrap();
+    let e = c.vdi_destroy(&"sr".into(), &"v".into()).await.unwrap_err();
+    assert!(
+        matches!(&e, ClientError::Storage(StorageError::InternalError(m)) if m.contains("VDI.destroy")),
+        "{e}"
+    );
+    assert_eq!(c.query().await.unwrap().driver, "fake");
+}
+
+#[tokio::test]
+async fn slow_calls_do_not_block_others_on_the_same_connection() {
+    let (_server, _dir, path, _stop) = start().await;
+    let c = AgentClient::connect_unix(&path).await.unwrap();
+    let slow = {
+        let c = c.clone();
+        tokio::spawn(async move { c.call(stat(400)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let t0 = Instant::now();
+    c.call(stat(0)).await.unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_millis(300),
+        "{:?}",
+        t0.elapsed()
+    );
+    slow.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_waits_for_in_flight_calls_and_refuses_new_ones() {
+    let (server, _dir, path, _stop) = start().await;
+    let c = AgentClient::connect_unix(&path).await.unwrap();
+    let slow = {
+        let c = c.clone();
+        tokio::spawn(async move { c.call(stat(300)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let t0 = Instant::now();
+    let left = server.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(left, 0);
+    assert!(t0.elapsed() >= Duration::from_millis(200), "did not wait");
+    slow.await
+        .unwrap()
+        .expect("the in-flight call finished normally");
+    let e = c.call(stat(0)).await.unwrap_err();
+    match e {
+        ClientError::Storage(e) => assert_eq!(e.backend_code(), Some(codes::SHUTTING_DOWN)),
+        other => panic!("{other}"),
+    }
+}
+
+#[tokio::test]
+async fn shutdown_gives_up_after_the_grace_period() {
+    let (server, _dir, path, _stop) = start().await;
+    let c = AgentClient::connect_unix(&path).await.unwrap();
+    let _slow = {
+        let c = c.clone();
+        tokio::spawn(async move { c.call(stat(5000)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(server.shutdown(Duration::from_millis(100)).await, 1);
+}
+
+#[tokio::test]
+async fn sr_attach_notifies_the_announcer_side() {
+    let (server, _dir, path, _stop) = start().await;
+    let c = AgentClient::connect_unix(&path).await.unwrap();
+    let waiter = {
+        let s = server.clone();
+        tokio::spawn(async move { s.srs_changed().await })
+    };
+    c.sr_attach(&"sr1".into(), Default::default())
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(2), waiter)
+        .await
+        .expect("notified")
+        .unwrap();
+    assert_eq!(server.attached_srs().await, vec![SrId::from("sr1")]);
+}
+
+#[tokio::test]
+async fn garbage_on_one_connection_does_not_disturb_another() {
+    use tokio::io::AsyncWriteExt;
+    let (_server, _dir, path, _stop) = start().await;
+    let good = AgentClient::connect_unix(&path).await.unwrap();
+    let mut bad = transport::unix::connect(&path).await.unwrap();
+    bad.write_all(&[0xff, 0xff, 0xff, 0x7f, 1, 2, 3])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(good.query().await.unwrap().driver, "fake");
+}

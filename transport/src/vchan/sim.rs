@@ -1,0 +1,462 @@
+//! Simulated Xen (DESIGN.md §4), for machines without a hypervisor: a grant reference is a
+//! 4096-byte file `$DIR/g<ref>` mapped shared; an event-channel port is an AF_UNIX datagram
+//! socket `$DIR/ev<port>`. Binding to a remote unbound port sends it the two native u32s
+//! `{0xC0FFEE, local_port}`; a notify sends `{0xE7E7, local_port}`. Refs are allocated from 8
+//! and ports from 10 by creating the lowest free file/socket, so several processes (and the
+//! C shim that runs Debian's libxenvchan) can share one `$DIR`.
+//!
+//! What the simulation cannot do: unmap notifications fire when a mapping is dropped, not when
+//! a process dies.
+
+use super::mem::{Mapping, PAGE_SIZE};
+use super::{Backend, DomId, EventChannel, EvtchnPort, GrantRef, UnmapNotify};
+use crate::error::{Error, Result};
+use std::fs::OpenOptions;
+use std::io::ErrorKind;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+/// Message a binder sends to the unbound port it binds to.
+pub const MSG_BIND: u32 = 0xC0FFEE;
+/// Message a notify sends.
+pub const MSG_NOTIFY: u32 = 0xE7E7;
+/// First grant reference handed out.
+pub const FIRST_REF: u32 = 8;
+/// First port handed out.
+pub const FIRST_PORT: u32 = 10;
+const MAX_SCAN: u32 = 1 << 20;
+
+/// The environment variable naming the simulation directory.
+pub const ENV_DIR: &str = "XEN_SIM_DIR";
+
+/// A simulated hypervisor rooted at one directory.
+#[derive(Debug, Clone)]
+pub struct SimXen {
+    dir: PathBuf,
+}
+
+impl SimXen {
+    /// Use `dir` (created if missing).
+    pub fn new(dir: impl Into<PathBuf>) -> Result<SimXen> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("creating sim dir {}", dir.display()), e))?;
+        Ok(SimXen { dir })
+    }
+
+    /// Use `$XEN_SIM_DIR`.
+    pub fn from_env() -> Result<SimXen> {
+        match std::env::var_os(ENV_DIR) {
+            Some(d) if !d.is_empty() => SimXen::new(PathBuf::from(d)),
+            _ => Err(Error::Vchan(format!(
+                "{ENV_DIR} is not set: point it at the simulated-Xen directory shared by both ends"
+            ))),
+        }
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Path of grant `r`.
+    pub fn grant_path(&self, r: GrantRef) -> PathBuf {
+        self.dir.join(format!("g{}", r.0))
+    }
+
+    /// Path of port `p`.
+    pub fn port_path(&self, p: EvtchnPort) -> PathBuf {
+        self.dir.join(format!("ev{}", p.0))
+    }
+
+    /// Allocate one grant file (lowest free number from 8), sized one page.
+    pub fn alloc_grant(&self) -> Result<GrantRef> {
+        self.alloc_grant_from(FIRST_REF)
+    }
+
+    /// Allocate `count` grant files, each the lowest free number (one forward scan).
+    pub fn alloc_grants(&self, count: usize) -> Result<Vec<GrantRef>> {
+        let mut refs = Vec::with_capacity(count);
+        let mut from = FIRST_REF;
+        for _ in 0..count {
+            match self.alloc_grant_from(from) {
+                Ok(r) => {
+                    from = r.0 + 1;
+                    refs.push(r);
+                }
+                Err(e) => {
+                    for r in refs {
+                        let _ = std::fs::remove_file(self.grant_path(r));
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(refs)
+    }
+
+    fn alloc_grant_from(&self, first: u32) -> Result<GrantRef> {
+        for n in first..FIRST_REF + MAX_SCAN {
+            let p = self.grant_path(GrantRef(n));
+            match OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&p)
+            {
+                Ok(f) => {
+                    f.set_len(PAGE_SIZE as u64)
+                        .map_err(|e| Error::io(format!("sizing {}", p.display()), e))?;
+                    return Ok(GrantRef(n));
+                }
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(Error::io(format!("creating {}", p.display()), e)),
+            }
+        }
+        Err(Error::Vchan("no free grant reference".into()))
+    }
+
+    /// Map grant files contiguously. With `unlink_on_release`, the files are removed when the
+    /// mapping is dropped (the owner ending its grant).
+    pub fn map_files(
+        &self,
+        refs: &[GrantRef],
+        writable: bool,
+        notify: Option<UnmapNotify>,
+        unlink_on_release: bool,
+    ) -> Result<Mapping> {
+        if refs.is_empty() {
+            return Err(Error::Vchan("no grant references to map".into()));
+        }
+        let len = refs.len() * PAGE_SIZE;
+        let mut files = Vec::with_capacity(refs.len());
+        for r in refs {
+            let p = self.grant_path(*r);
+            let f = OpenOptions::new()
+                .read(true)
+                .write(writable)
+                .open(&p)
+                .map_err(|e| {
+                    if e.kind() == ErrorKind::NotFound {
+                        Error::Vchan(format!(
+                            "grant reference {r} does not exist ({})",
+                            p.display()
+                        ))
+                    } else {
+                        Error::io(format!("opening {}", p.display()), e)
+                    }
+                })?;
+            let size = f.metadata().map_err(|e| Error::io("stat grant", e))?.len();
+            if size < PAGE_SIZE as u64 {
+                return Err(Error::Vchan(format!(
+                    "grant file {} is {size} bytes, not a page",
+                    p.display()
+                )));
+            }
+            files.push(f);
+        }
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: reserving address space (no file, no access); the result is checked.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(Error::io(
+                "reserving address space",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        for (i, f) in files.iter().enumerate() {
+            // SAFETY: MAP_FIXED over our own reservation, one page per file, offset 0.
+            let p = unsafe {
+                libc::mmap(
+                    base.cast::<u8>().add(i * PAGE_SIZE).cast(),
+                    PAGE_SIZE,
+                    prot,
+                    libc::MAP_SHARED | libc::MAP_FIXED,
+                    f.as_raw_fd(),
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                let e = std::io::Error::last_os_error();
+                // SAFETY: unmapping the reservation made above.
+                unsafe { libc::munmap(base, len) };
+                return Err(Error::io("mapping a grant file", e));
+            }
+        }
+        let paths: Vec<PathBuf> = if unlink_on_release {
+            refs.iter().map(|r| self.grant_path(*r)).collect()
+        } else {
+            Vec::new()
+        };
+        let addr = base as usize;
+        let release = Box::new(move || {
+            // SAFETY: unmapping exactly the range mapped above, once.
+            unsafe { libc::munmap(addr as *mut libc::c_void, len) };
+            for p in paths {
+                let _ = std::fs::remove_file(p);
+            }
+        });
+        let ptr = NonNull::new(base.cast::<u8>()).expect("mmap returned non-null");
+        if !writable {
+            // Read-only mappings must never be written (notify included).
+            if notify.is_some() {
+                // SAFETY: unmapping the range mapped above.
+                unsafe { libc::munmap(base, len) };
+                return Err(Error::Vchan(
+                    "unmap notification needs a writable mapping".into(),
+                ));
+            }
+        }
+        // SAFETY: `base` is a page-aligned mapping of `len` bytes released only by `release`.
+        Ok(unsafe { Mapping::new(ptr, len, notify, Some(release)) })
+    }
+
+    /// Bind a new unbound port (lowest free number from 10).
+    pub fn bind_unbound_port(&self) -> Result<SimEvtchn> {
+        let (sock, port) = self.new_socket()?;
+        Ok(SimEvtchn {
+            sock,
+            port,
+            peer: AtomicU32::new(0),
+            dir: self.dir.clone(),
+        })
+    }
+
+    /// Bind to the unbound port `remote`, telling it our port.
+    pub fn bind_interdomain_port(&self, remote: EvtchnPort) -> Result<SimEvtchn> {
+        let (sock, port) = self.new_socket()?;
+        let ev = SimEvtchn {
+            sock,
+            port,
+            peer: AtomicU32::new(remote.0),
+            dir: self.dir.clone(),
+        };
+        ev.send(MSG_BIND).map_err(|e| match e {
+            Error::Io { source, .. }
+                if source.kind() == ErrorKind::NotFound
+                    || source.kind() == ErrorKind::ConnectionRefused =>
+            {
+                Error::Vchan(format!("event channel port {remote} does not exist"))
+            }
+            e => e,
+        })?;
+        Ok(ev)
+    }
+
+    fn new_socket(&self) -> Result<(UnixDatagram, u32)> {
+        for n in FIRST_PORT..FIRST_PORT + MAX_SCAN {
+            let p = self.port_path(EvtchnPort(n));
+            match UnixDatagram::bind(&p) {
+                Ok(s) => {
+                    s.set_nonblocking(true)
+                        .map_err(|e| Error::io("nonblocking socket", e))?;
+                    return Ok((s, n));
+                }
+                Err(e) if e.kind() == ErrorKind::AddrInUse => continue,
+                Err(e) => return Err(Error::io(format!("binding {}", p.display()), e)),
+            }
+        }
+        Err(Error::Vchan("no free event channel port".into()))
+    }
+}
+
+/// One simulated event-channel port.
+#[derive(Debug)]
+pub struct SimEvtchn {
+    sock: UnixDatagram,
+    port: u32,
+    peer: AtomicU32,
+    dir: PathBuf,
+}
+
+impl SimEvtchn {
+    fn send(&self, magic: u32) -> Result<()> {
+        let peer = self.peer.load(Ordering::SeqCst);
+        if peer == 0 {
+            return Ok(());
+        }
+        let mut msg = [0u8; 8];
+        msg[..4].copy_from_slice(&magic.to_ne_bytes());
+        msg[4..].copy_from_slice(&self.port.to_ne_bytes());
+        let path = self.dir.join(format!("ev{peer}"));
+        match self.sock.send_to(&msg, &path) {
+            Ok(_) => Ok(()),
+            // A full queue already holds a pending event for the peer.
+            Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(()),
+            Err(e)
+                if magic == MSG_NOTIFY
+                    && matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(Error::io(format!("signalling {}", path.display()), e)),
+        }
+    }
+
+    /// Receive one message without blocking: `Some((magic, sender_port))`.
+    pub fn recv_one(&self) -> Result<Option<(u32, u32)>> {
+        let mut buf = [0u8; 16];
+        match self.sock.recv(&mut buf) {
+            Ok(8) => {
+                let magic = u32::from_ne_bytes(buf[..4].try_into().expect("4 bytes"));
+                let from = u32::from_ne_bytes(buf[4..8].try_into().expect("4 bytes"));
+                if magic == MSG_BIND {
+                    self.peer.store(from, Ordering::SeqCst);
+                }
+                Ok(Some((magic, from)))
+            }
+            Ok(_) => Ok(Some((0, 0))),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(Error::io("receiving an event", e)),
+        }
+    }
+
+    /// The port bound to us, once known.
+    pub fn peer_port(&self) -> Option<EvtchnPort> {
+        match self.peer.load(Ordering::SeqCst) {
+            0 => None,
+            p => Some(EvtchnPort(p)),
+        }
+    }
+}
+
+impl EventChannel for SimEvtchn {
+    fn local_port(&self) -> EvtchnPort {
+        EvtchnPort(self.port)
+    }
+
+    fn notify(&self) -> Result<()> {
+        self.send(MSG_NOTIFY)
+    }
+
+    fn fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+
+    fn drain(&self) -> Result<u64> {
+        let mut n = 0;
+        while self.recv_one()?.is_some() {
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
+impl Drop for SimEvtchn {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.dir.join(format!("ev{}", self.port)));
+    }
+}
+
+impl Backend for SimXen {
+    fn share(
+        &self,
+        _peer: DomId,
+        count: usize,
+        notify: Option<UnmapNotify>,
+    ) -> Result<(Vec<GrantRef>, Mapping)> {
+        let refs = self.alloc_grants(count)?;
+        match self.map_files(&refs, true, notify, true) {
+            Ok(m) => Ok((refs, m)),
+            Err(e) => {
+                for r in refs {
+                    let _ = std::fs::remove_file(self.grant_path(r));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn map(
+        &self,
+        _peer: DomId,
+        refs: &[GrantRef],
+        writable: bool,
+        notify: Option<UnmapNotify>,
+    ) -> Result<Mapping> {
+        self.map_files(refs, writable, notify, false)
+    }
+
+    fn bind_unbound(&self, _peer: DomId) -> Result<Arc<dyn EventChannel>> {
+        Ok(Arc::new(self.bind_unbound_port()?))
+    }
+
+    fn bind_interdomain(&self, _peer: DomId, remote: EvtchnPort) -> Result<Arc<dyn EventChannel>> {
+        Ok(Arc::new(self.bind_interdomain_port(remote)?))
+    }
+
+    fn name(&self) -> &'static str {
+        "sim"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refs_and_ports_are_lowest_free_numbers_and_freed_on_drop() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sim = SimXen::new(tmp.path()).unwrap();
+        let (refs, m) = sim.share(DomId(1), 2, None).unwrap();
+        assert_eq!(refs, vec![GrantRef(8), GrantRef(9)]);
+        assert!(tmp.path().join("g8").exists());
+        let a = sim.bind_unbound_port().unwrap();
+        assert_eq!(a.local_port(), EvtchnPort(10));
+        let b = sim.bind_interdomain_port(EvtchnPort(10)).unwrap();
+        assert_eq!(b.local_port(), EvtchnPort(11));
+        // The bind message tells the unbound side its peer.
+        assert_eq!(a.recv_one().unwrap(), Some((MSG_BIND, 11)));
+        assert_eq!(a.peer_port(), Some(EvtchnPort(11)));
+        b.notify().unwrap();
+        assert_eq!(a.recv_one().unwrap(), Some((MSG_NOTIFY, 11)));
+        a.notify().unwrap();
+        assert_eq!(b.drain().unwrap(), 1);
+        drop((m, a, b));
+        assert_eq!(
+            std::fs::read_dir(tmp.path()).unwrap().count(),
+            0,
+            "nothing left behind"
+        );
+    }
+
+    #[test]
+    fn mapped_grant_pages_are_shared_between_mappings() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sim = SimXen::new(tmp.path()).unwrap();
+        let (refs, owner) = sim.share(DomId(1), 3, None).unwrap();
+        let peer = sim.map(DomId(0), &refs, true, None).unwrap();
+        owner
+            .u32_at(2 * PAGE_SIZE + 8)
+            .store(0xDEAD_BEEF, Ordering::SeqCst);
+        assert_eq!(
+            peer.u32_at(2 * PAGE_SIZE + 8).load(Ordering::SeqCst),
+            0xDEAD_BEEF
+        );
+        let err = sim
+            .map(DomId(0), &[GrantRef(4242)], true, None)
+            .unwrap_err();
+        assert!(err.to_string().contains("does not exist"), "{err}");
+        let err = sim.bind_interdomain_port(EvtchnPort(999)).unwrap_err();
+        assert!(err.to_string().contains("does not exist"), "{err}");
+    }
+}

@@ -1,0 +1,549 @@
+//! [`VchanStream`]: a vchan ring as a tokio byte stream, woken by the event channel's file
+//! descriptor (a small pump task drains events and wakes the reader and the writer; nothing
+//! polls while idle). [`VchanServer`] and [`VchanClient`] set rings up through a [`Rendezvous`].
+
+use super::ring::{choose_orders, Live, Ring};
+use super::sim::SimXen;
+use super::{Backend, DomId, EventChannel, Rendezvous};
+use crate::error::{Error, Result};
+use futures::task::AtomicWaker;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::task::JoinHandle;
+
+/// Which backend to use, chosen at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    /// Real Xen: `/dev/xen/{gntalloc,gntdev,evtchn}`.
+    Xen,
+    /// Simulated Xen under `$XEN_SIM_DIR`.
+    Sim,
+}
+
+impl FromStr for BackendKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "xen" => Ok(BackendKind::Xen),
+            "sim" => Ok(BackendKind::Sim),
+            other => Err(Error::Vchan(format!(
+                "unknown vchan backend {other:?}: use \"xen\" or \"sim\""
+            ))),
+        }
+    }
+}
+
+/// Open a backend of the given kind (`Sim` reads `$XEN_SIM_DIR`).
+pub fn open_backend(kind: BackendKind) -> Result<Arc<dyn Backend>> {
+    Ok(match kind {
+        BackendKind::Xen => Arc::new(super::xen::XenBackend::open()?),
+        BackendKind::Sim => Arc::new(SimXen::from_env()?),
+    })
+}
+
+struct Wakers {
+    read: AtomicWaker,
+    write: AtomicWaker,
+    events: AtomicU64,
+}
+
+/// Keeps the event channel (and so its descriptor) alive as long as tokio watches it.
+struct EvFd(Arc<dyn EventChannel>);
+impl AsRawFd for EvFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.fd()
+    }
+}
+
+/// One end of a vchan as a byte stream. Dropping it closes the vchan (the peer sees its live
+/// byte cleared and an event).
+pub struct VchanStream {
+    ring: Ring,
+    event: Arc<dyn EventChannel>,
+    wakers: Arc<Wakers>,
+    pump: JoinHandle<()>,
+    failed: Option<String>,
+}
+
+impl std::fmt::Debug for VchanStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VchanStream")
+            .field("server", &self.ring.is_server())
+            .field("orders", &self.ring.orders())
+            .field("port", &self.event.local_port())
+            .field("failed", &self.failed)
+            .finish()
+    }
+}
+
+impl VchanStream {
+    /// Wrap a set-up ring and its event channel. Must run inside a tokio runtime.
+    pub fn new(ring: Ring, event: Arc<dyn EventChannel>) -> Result<VchanStream> {
+        let wakers = Arc::new(Wakers {
+            read: AtomicWaker::new(),
+            write: AtomicWaker::new(),
+            events: AtomicU64::new(0),
+        });
+        // SAFETY: `EvFd` owns an `Arc` of the event channel, whose descriptor stays open and
+        // unchanged until the channel is dropped, which cannot happen before the `AsyncFd`.
+        let afd = unsafe {
+            AsyncFd::register_with_interest(EvFd(event.clone()), tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| Error::io("registering the event channel with tokio", e.into()))?;
+        let (ev, w) = (event.clone(), wakers.clone());
+        let pump = tokio::spawn(async move {
+            loop {
+                let mut guard = match afd.readable().await {
+                    Ok(g) => g,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "event channel poll failed");
+                        break;
+                    }
+                };
+                match ev.drain() {
+                    Ok(n) => {
+                        w.events.fetch_add(n, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "event channel read failed");
+                        break;
+                    }
+                }
+                guard.clear_ready();
+                w.read.wake();
+                w.write.wake();
+            }
+            w.read.wake();
+            w.write.wake();
+        });
+        Ok(VchanStream {
+            ring,
+            event,
+            wakers,
+            pump,
+            failed: None,
+        })
+    }
+
+    /// Events received so far (diagnostics).
+    pub fn events_received(&self) -> u64 {
+        self.wakers.events.load(Ordering::Relaxed)
+    }
+
+    /// (left, right) ring orders.
+    pub fn orders(&self) -> (u8, u8) {
+        self.ring.orders()
+    }
+
+    /// The ring (tests, diagnostics).
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
+    fn fail(&mut self, e: Error) -> io::Error {
+        let reason = e.to_string();
+        tracing::warn!(reason = %reason, "dropping vchan connection");
+        self.failed = Some(reason.clone());
+        self.close_ring();
+        io::Error::new(io::ErrorKind::InvalidData, reason)
+    }
+
+    fn close_ring(&mut self) {
+        if !self.ring.is_closed() {
+            self.ring.close();
+            let _ = self.event.notify();
+        }
+    }
+
+    fn kick(&mut self, kick: bool) -> io::Result<()> {
+        if kick {
+            if let Err(e) = self.event.notify() {
+                return Err(self.fail(e));
+            }
+        }
+        Ok(())
+    }
+
+    /// Server side: wait until the client has connected (its live byte becomes 1).
+    pub async fn wait_connected(&mut self) -> Result<()> {
+        std::future::poll_fn(|cx| {
+            self.wakers.read.register(cx.waker());
+            match self.ring.peer_live() {
+                Ok(Live::Connected) => Poll::Ready(Ok(())),
+                Ok(Live::Waiting) => Poll::Pending,
+                Ok(Live::Gone) => {
+                    Poll::Ready(Err(Error::Vchan("client left before connecting".into())))
+                }
+                Err(e) => Poll::Ready(Err(e)),
+            }
+        })
+        .await
+    }
+}
+
+impl AsyncRead for VchanStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Some(r) = &this.failed {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, r.clone())));
+        }
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        this.wakers.read.register(cx.waker());
+        for attempt in 0..2 {
+            match this.ring.recv(buf.initialize_unfilled()) {
+                Ok((0, _)) => {}
+                Ok((n, kick)) => {
+                    buf.advance(n);
+                    return Poll::Ready(this.kick(kick));
+                }
+                Err(e) => return Poll::Ready(Err(this.fail(e))),
+            }
+            if attempt == 1 {
+                break;
+            }
+            match this.ring.peer_live() {
+                // Gone: read once more (data written just before the close), then EOF.
+                Ok(Live::Gone) => continue,
+                Ok(_) => return Poll::Pending,
+                Err(e) => return Poll::Ready(Err(this.fail(e))),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for VchanStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if let Some(r) = &this.failed {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, r.clone())));
+        }
+        if this.ring.is_closed() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "vchan closed by this side",
+            )));
+        }
+        this.wakers.write.register(cx.waker());
+        match this.ring.peer_live() {
+            Ok(Live::Gone) => {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "vchan peer has gone",
+                )))
+            }
+            Ok(_) => {}
+            Err(e) => return Poll::Ready(Err(this.fail(e))),
+        }
+        match this.ring.send(buf) {
+            Ok((0, _)) if !buf.is_empty() => Poll::Pending,
+            Ok((n, kick)) => Poll::Ready(this.kick(kick).map(|()| n)),
+            Err(e) => Poll::Ready(Err(this.fail(e))),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Bytes are in the shared ring as soon as poll_write returns.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().close_ring();
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for VchanStream {
+    fn drop(&mut self) {
+        self.pump.abort();
+        self.close_ring();
+    }
+}
+
+/// Listens for one client domain on one port: each [`VchanServer::accept`] shares a fresh
+/// ring, publishes it, and waits for the client; call it again after a client leaves.
+pub struct VchanServer {
+    backend: Arc<dyn Backend>,
+    rendezvous: Arc<dyn Rendezvous>,
+    server: DomId,
+    client: DomId,
+    port: String,
+    orders: (u8, u8),
+}
+
+impl std::fmt::Debug for VchanServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VchanServer")
+            .field("backend", &self.backend.name())
+            .field("server", &self.server)
+            .field("client", &self.client)
+            .field("port", &self.port)
+            .field("orders", &self.orders)
+            .finish()
+    }
+}
+
+impl VchanServer {
+    /// A server in domain `server` for `client` on `port`, with rings of at least `read_min`
+    /// bytes (client → server, LEFT) and `write_min` bytes (server → client, RIGHT).
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        rendezvous: Arc<dyn Rendezvous>,
+        server: DomId,
+        client: DomId,
+        port: impl Into<String>,
+        read_min: usize,
+        write_min: usize,
+    ) -> Result<VchanServer> {
+        Ok(VchanServer {
+            backend,
+            rendezvous,
+            server,
+            client,
+            port: port.into(),
+            orders: choose_orders(read_min, write_min)?,
+        })
+    }
+
+    /// Use exactly these (left, right) orders (10–20; equal orders must be ≥ 12).
+    pub fn with_orders(mut self, left: u8, right: u8) -> Result<VchanServer> {
+        super::ring::validate_orders(left.into(), right.into())?;
+        self.orders = (left, right);
+        Ok(self)
+    }
+
+    /// Share a ring, publish it, and wait for the client to connect.
+    pub async fn accept(&self) -> Result<VchanStream> {
+        let event = self.backend.bind_unbound(self.client)?;
+        let (ring, gref) = Ring::server_init(
+            &*self.backend,
+            self.client,
+            event.clone(),
+            self.orders.0,
+            self.orders.1,
+        )?;
+        let mut stream = VchanStream::new(ring, event.clone())?;
+        self.rendezvous
+            .publish(
+                self.server,
+                self.client,
+                &self.port,
+                gref,
+                event.local_port(),
+            )
+            .await?;
+        tracing::debug!(server = %self.server, client = %self.client, port = %self.port,
+            ring_ref = %gref, evtchn = %event.local_port(), "vchan published");
+        let connected = stream.wait_connected().await;
+        if let Err(e) = self
+            .rendezvous
+            .remove(self.server, self.client, &self.port)
+            .await
+        {
+            tracing::warn!(error = %e, "could not remove the vchan rendezvous keys");
+        }
+        connected?;
+        tracing::info!(client = %self.client, port = %self.port, orders = ?self.orders, "vchan client connected");
+        Ok(stream)
+    }
+}
+
+/// Connects to a [`VchanServer`] (or libxenvchan server).
+#[derive(Debug, Clone, Copy)]
+pub struct VchanClient;
+
+impl VchanClient {
+    /// Read the rendezvous, bind the event channel, map the ring and announce ourselves.
+    pub async fn connect(
+        backend: &dyn Backend,
+        rendezvous: &dyn Rendezvous,
+        server: DomId,
+        client: DomId,
+        port: &str,
+    ) -> Result<VchanStream> {
+        let (gref, remote) = rendezvous.read(server, client, port).await?;
+        let event = backend.bind_interdomain(server, remote)?;
+        let ring = Ring::client_init(backend, server, gref, event.clone())?;
+        let stream = VchanStream::new(ring, event.clone())?;
+        event.notify()?;
+        Ok(stream)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::mem::MemXen;
+    use super::super::MemRendezvous;
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn connected(
+        backend: Arc<dyn Backend>,
+        orders: (u8, u8),
+    ) -> (VchanServer, VchanStream, VchanStream) {
+        let rz = Arc::new(MemRendezvous::new());
+        let srv = VchanServer::new(backend.clone(), rz.clone(), DomId(0), DomId(7), "p", 1, 1)
+            .unwrap()
+            .with_orders(orders.0, orders.1)
+            .unwrap();
+        let (s, c) = tokio::join!(srv.accept(), async {
+            loop {
+                match VchanClient::connect(&*backend, &*rz, DomId(0), DomId(7), "p").await {
+                    Ok(c) => break c,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+            }
+        });
+        (srv, s.unwrap(), c)
+    }
+
+    async fn bulk(backend: Arc<dyn Backend>, orders: (u8, u8), len: usize) {
+        let (_srv, mut s, mut c) = connected(backend, orders).await;
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 251) as u8).collect();
+        let d2 = data.clone();
+        let w = tokio::spawn(async move {
+            c.write_all(&d2).await.unwrap();
+            let mut back = Vec::new();
+            c.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let mut got = vec![0u8; len];
+        s.read_exact(&mut got).await.unwrap();
+        assert!(got == data, "server received the client's bytes");
+        s.write_all(&got).await.unwrap();
+        s.shutdown().await.unwrap();
+        drop(s);
+        let back = tokio::time::timeout(Duration::from_secs(20), w)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(back == data, "client received the echo, then EOF");
+    }
+
+    #[tokio::test]
+    async fn mem_backend_moves_bytes_both_ways_in_page_rings() {
+        let xen = MemXen::new();
+        bulk(Arc::new(xen.clone()), (10, 11), 300_000).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(xen.live_grants(), 0);
+        assert_eq!(xen.live_ports(), 0);
+    }
+
+    #[tokio::test]
+    async fn mem_backend_moves_bytes_both_ways_multi_page_rings() {
+        bulk(Arc::new(MemXen::new()), (14, 16), 1 << 20).await;
+    }
+
+    #[tokio::test]
+    async fn sim_backend_moves_bytes_both_ways() {
+        let tmp = tempfile::tempdir().unwrap();
+        bulk(
+            Arc::new(SimXen::new(tmp.path()).unwrap()),
+            (11, 13),
+            1 << 20,
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            std::fs::read_dir(tmp.path()).unwrap().count(),
+            0,
+            "sim dir cleaned up"
+        );
+    }
+
+    #[tokio::test]
+    async fn server_sees_eof_when_client_leaves_and_accepts_the_next_client() {
+        let xen: Arc<dyn Backend> = Arc::new(MemXen::new());
+        let (srv, mut s, c) = connected(xen.clone(), (10, 11)).await;
+        drop(c);
+        let mut b = [0u8; 4];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 0, "EOF after the client left");
+        drop(s);
+        // Listen again: a second client.
+        let rz = MemRendezvous::new();
+        let srv2 = VchanServer::new(
+            xen.clone(),
+            Arc::new(rz.clone()),
+            DomId(0),
+            DomId(7),
+            "p",
+            1,
+            1,
+        )
+        .unwrap();
+        drop(srv);
+        let (s2, c2) = tokio::join!(srv2.accept(), async {
+            loop {
+                if let Ok(c) = VchanClient::connect(&*xen, &rz, DomId(0), DomId(7), "p").await {
+                    break c;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        let (mut s2, mut c2) = (s2.unwrap(), c2);
+        c2.write_all(b"again").await.unwrap();
+        let mut b = [0u8; 5];
+        s2.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, b"again");
+        assert!(rz.is_empty(), "rendezvous removed once connected");
+    }
+
+    #[tokio::test]
+    async fn hostile_index_fails_the_stream_with_a_reason() {
+        let (_srv, mut s, _c) = connected(Arc::new(MemXen::new()), (10, 11)).await;
+        s.ring()
+            .page()
+            .u32_at(super::super::ring::LEFT_PROD)
+            .store(1 << 30, Ordering::SeqCst);
+        let mut b = [0u8; 8];
+        let err = s.read(&mut b).await.unwrap_err();
+        assert!(err.to_string().contains("claims"), "{err}");
+        assert!(s.write(b"x").await.is_err(), "connection stays dropped");
+    }
+
+    #[tokio::test]
+    async fn rpc_runs_over_a_vchan() {
+        let (_srv, s, c) = connected(Arc::new(MemXen::new()), (10, 11)).await;
+        let server = tokio::spawn(crate::rpc::serve_connection(
+            s,
+            crate::Hello::new(["core"], "srv"),
+            |x: u64| async move { x + 1 },
+        ));
+        let client = crate::Client::<u64, u64>::handshake(c, crate::Hello::new(["core"], "cli"))
+            .await
+            .unwrap();
+        let calls = (0..500u64).map(|i| {
+            let client = client.clone();
+            async move { assert_eq!(client.call(i).await.unwrap(), i + 1) }
+        });
+        futures::future::join_all(calls).await;
+        drop(client);
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}

@@ -1,0 +1,669 @@
+//! [`Disk`]: one VHD file — footer, dynamic header, BAT, per-block sector bitmaps — with
+//! positional reads and crash-ordered allocating writes.
+//!
+//! Write order for a new block: the footer moves first to the block's future end (so the file
+//! always ends with a valid footer), then the data, then the bitmap, then the BAT entry; the
+//! block becomes visible (on disk and in memory) only with the BAT entry, after its data and
+//! bitmap. A crash at any step leaves a readable file whose BAT references only complete
+//! blocks; at worst an unreferenced block-sized gap before the footer. Writes into allocated
+//! blocks go data first, then bitmap. New blocks always start after every piece of metadata
+//! (header, BAT, batmap, locators) and after every existing block.
+
+use crate::error::{Error, Result};
+use crate::format::*;
+use crate::io::BlockIo;
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use uuid::Uuid;
+
+/// The sector bitmap of one block: bit set = the sector's data is in this layer.
+#[derive(Debug, Clone)]
+pub struct Bitmap {
+    bits: Box<[u8]>,
+    full: bool,
+}
+
+impl Bitmap {
+    fn from_bits(bits: Box<[u8]>, sectors: u32) -> Bitmap {
+        let full = Self::all_set(&bits, 0, sectors);
+        Bitmap { bits, full }
+    }
+    fn full(bytes: usize) -> Bitmap {
+        Bitmap {
+            bits: vec![0xFF; bytes].into_boxed_slice(),
+            full: true,
+        }
+    }
+    fn all_set(bits: &[u8], first: u32, n: u32) -> bool {
+        (first..first + n).all(|s| Self::bit(bits, s))
+    }
+    fn bit(bits: &[u8], s: u32) -> bool {
+        bits.get((s / 8) as usize)
+            .is_some_and(|b| b & (0x80 >> (s % 8)) != 0)
+    }
+    /// True when sector `s` (within the block) is present.
+    pub fn get(&self, s: u32) -> bool {
+        self.full || Self::bit(&self.bits, s)
+    }
+    /// True when every sector of the block is present.
+    pub fn is_full(&self) -> bool {
+        self.full
+    }
+    /// The raw bytes (MSB of byte 0 = sector 0).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bits
+    }
+}
+
+/// Allocation state, guarded by one mutex per disk (allocations and bitmap updates).
+#[derive(Debug)]
+struct AllocState {
+    next_free: u64,
+}
+
+/// A byte range of the file used by one structure (for overlap checks and reports).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Region {
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+    /// What lives there.
+    pub what: String,
+}
+
+/// One VHD file.
+pub struct Disk {
+    io: Arc<dyn BlockIo>,
+    name: String,
+    path: Option<PathBuf>,
+    writable: bool,
+    footer: Footer,
+    footer_bytes: [u8; FOOTER_SIZE],
+    header: Option<Header>,
+    bat: Vec<AtomicU32>,
+    block_size: u64,
+    sectors_per_block: u32,
+    bitmap_bytes: u64,
+    bitmaps: RwLock<HashMap<u32, Arc<Bitmap>>>,
+    alloc: Mutex<AllocState>,
+    regions: Vec<Region>,
+    batmap: Option<BatmapHeader>,
+    trailing_footer_ok: bool,
+}
+
+impl std::fmt::Debug for Disk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Disk")
+            .field("name", &self.name)
+            .field("type", &self.footer.disk_type)
+            .field("size", &self.footer.current_size)
+            .field("writable", &self.writable)
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Disk {
+    /// Opens the VHD at `path`, read-write when `writable`.
+    pub fn open(path: &Path, writable: bool) -> Result<Disk> {
+        let name = path.display().to_string();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(|e| Error::io(&name, "opening", e))?;
+        let mut d = Disk::from_io(Arc::new(file), &name, writable)?;
+        d.path = Some(path.to_path_buf());
+        Ok(d)
+    }
+
+    /// Opens a VHD held by any [`BlockIo`] (e.g. a [`crate::io::MemFile`]); `name` is used in
+    /// messages.
+    pub fn from_io(io: Arc<dyn BlockIo>, name: &str, writable: bool) -> Result<Disk> {
+        let len = io
+            .len()
+            .map_err(|e| Error::io(name, "reading the file size", e))?;
+        if len < FOOTER_SIZE as u64 {
+            return Err(Error::corrupt(
+                name,
+                "file",
+                0,
+                format!("{len} bytes is too short to hold a VHD footer"),
+            ));
+        }
+        let read = |off: u64, n: usize, what: &str| -> Result<Vec<u8>> {
+            let mut b = vec![0u8; n];
+            io.read_at(&mut b, off)
+                .map_err(|e| Error::io(name, format!("reading the {what} at offset {off}"), e))?;
+            Ok(b)
+        };
+        let tail_off = len - FOOTER_SIZE as u64;
+        let tail = Footer::parse(&read(tail_off, FOOTER_SIZE, "footer")?, name, tail_off);
+        let (footer, trailing_footer_ok) = match tail {
+            Ok(f) => (f, true),
+            Err(tail_err) => {
+                // Dynamic disks keep a copy at offset 0: usable after a crash that lost the end.
+                match Footer::parse(&read(0, FOOTER_SIZE, "footer copy")?, name, 0) {
+                    Ok(f) if f.disk_type != DiskType::Fixed => {
+                        tracing::warn!(file = name, error = %tail_err, "trailing footer invalid; using the copy at offset 0");
+                        (f, false)
+                    }
+                    _ => return Err(tail_err),
+                }
+            }
+        };
+        let footer_bytes = footer.to_bytes();
+        let size = footer.current_size;
+        let mut regions = Vec::new();
+        if footer.disk_type == DiskType::Fixed {
+            if size > tail_off {
+                return Err(Error::corrupt(
+                    name,
+                    "footer current size",
+                    tail_off + 48,
+                    format!("fixed disk of {size} bytes does not fit in a file of {len} bytes"),
+                ));
+            }
+            return Ok(Disk {
+                io,
+                name: name.into(),
+                path: None,
+                writable,
+                footer,
+                footer_bytes,
+                header: None,
+                bat: Vec::new(),
+                block_size: DEFAULT_BLOCK_SIZE as u64,
+                sectors_per_block: DEFAULT_BLOCK_SIZE / SECTOR as u32,
+                bitmap_bytes: 0,
+                bitmaps: RwLock::new(HashMap::new()),
+                alloc: Mutex::new(AllocState { next_free: len }),
+                regions: vec![Region {
+                    start: tail_off,
+                    end: len,
+                    what: "footer".into(),
+                }],
+                batmap: None,
+                trailing_footer_ok,
+            });
+        }
+        regions.push(Region {
+            start: 0,
+            end: 512,
+            what: "footer copy".into(),
+        });
+        let hoff = footer.data_offset;
+        if hoff
+            .checked_add(HEADER_SIZE as u64)
+            .map_or(true, |e| e > len)
+        {
+            return Err(Error::corrupt(
+                name,
+                "footer data offset",
+                16,
+                format!("dynamic header at {hoff} lies past the end of the {len}-byte file"),
+            ));
+        }
+        let header = Header::parse(&read(hoff, HEADER_SIZE, "dynamic header")?, name, hoff)?;
+        regions.push(Region {
+            start: hoff,
+            end: hoff + HEADER_SIZE as u64,
+            what: "dynamic header".into(),
+        });
+        let block_size = header.block_size as u64;
+        let needed = size.div_ceil(block_size);
+        let entries = header.max_table_entries as u64;
+        if entries < needed {
+            return Err(Error::corrupt(name, "dynamic header max table entries", hoff + 28, format!("{entries} entries cannot map {size} bytes in blocks of {block_size} (need {needed})")));
+        }
+        let toff = header.table_offset;
+        let bat_bytes = round_up(entries * 4, SECTOR);
+        if toff.checked_add(bat_bytes).map_or(true, |e| e > len) {
+            return Err(Error::corrupt(name, "dynamic header table offset", hoff + 16, format!("BAT of {entries} entries at {toff} extends past the end of the {len}-byte file")));
+        }
+        regions.push(Region {
+            start: toff,
+            end: toff + bat_bytes,
+            what: "BAT".into(),
+        });
+        let raw = read(toff, (entries * 4) as usize, "BAT")?;
+        let bat: Vec<AtomicU32> = raw
+            .chunks_exact(4)
+            .map(|c| AtomicU32::new(u32::from_be_bytes([c[0], c[1], c[2], c[3]])))
+            .collect();
+        let bitmap_bytes = header.bitmap_bytes();
+        // blktap batmap: a header in the sector after the BAT, data elsewhere. Preserved as is.
+        let mut batmap = None;
+        let bm_off = toff + bat_bytes;
+        if bm_off + SECTOR <= tail_off {
+            if let Some(bm) = BatmapHeader::parse(&read(bm_off, SECTOR as usize, "batmap header")?)
+            {
+                regions.push(Region {
+                    start: bm_off,
+                    end: bm_off + SECTOR,
+                    what: "batmap header".into(),
+                });
+                let bm_end = bm.offset.saturating_add(bm.size_sectors as u64 * SECTOR);
+                if bm_end > len {
+                    return Err(Error::corrupt(
+                        name,
+                        "batmap offset",
+                        bm_off + 8,
+                        format!(
+                            "batmap at {} of {} sectors extends past the end of the file",
+                            bm.offset, bm.size_sectors
+                        ),
+                    ));
+                }
+                regions.push(Region {
+                    start: bm.offset,
+                    end: bm_end,
+                    what: "batmap".into(),
+                });
+                batmap = Some(bm);
+            }
+        }
+        for (i, l) in header.locators.iter().enumerate() {
+            if l.code == 0 || l.data_len == 0 {
+                continue;
+            }
+            let end = l
+                .data_offset
+                .saturating_add(round_up(l.data_len as u64, SECTOR));
+            if end <= len {
+                regions.push(Region {
+                    start: l.data_offset,
+                    end,
+                    what: format!("parent locator {i} ({})", l.code_name()),
+                });
+            }
+        }
+        let meta_end = regions.iter().map(|r| r.end).max().unwrap_or(0);
+        let mut blocks: Vec<Region> = Vec::new();
+        for (i, e) in bat.iter().enumerate() {
+            let e = e.load(Ordering::Relaxed);
+            if e == BAT_UNUSED {
+                continue;
+            }
+            let start = e as u64 * SECTOR;
+            let end = start + bitmap_bytes + block_size;
+            let limit = if trailing_footer_ok { tail_off } else { len };
+            if end > limit {
+                return Err(Error::corrupt(name, format!("BAT entry {i}"), toff + 4 * i as u64, format!("block at sector {e} (bytes {start}..{end}) extends past the end of the data area ({limit} bytes)")));
+            }
+            blocks.push(Region {
+                start,
+                end,
+                what: format!("block {i}"),
+            });
+        }
+        let mut all: Vec<&Region> = regions.iter().chain(blocks.iter()).collect();
+        all.sort_by_key(|r| (r.start, r.end));
+        for w in all.windows(2) {
+            if w[1].start < w[0].end {
+                let off = blocks
+                    .iter()
+                    .find(|b| b.what == w[1].what || b.what == w[0].what)
+                    .and_then(|b| {
+                        b.what
+                            .strip_prefix("block ")
+                            .and_then(|n| n.parse::<u64>().ok())
+                    })
+                    .map(|n| toff + 4 * n)
+                    .unwrap_or(w[1].start);
+                return Err(Error::corrupt(
+                    name,
+                    format!("{} placement", w[1].what),
+                    off,
+                    format!(
+                        "bytes {}..{} overlap {} at {}..{}",
+                        w[1].start, w[1].end, w[0].what, w[0].start, w[0].end
+                    ),
+                ));
+            }
+        }
+        let blocks_end = blocks.iter().map(|r| r.end).max().unwrap_or(0);
+        let file_end = if trailing_footer_ok {
+            tail_off
+        } else {
+            round_up(len, SECTOR)
+        };
+        let next_free = round_up(meta_end.max(blocks_end).max(file_end), SECTOR);
+        Ok(Disk {
+            io,
+            name: name.into(),
+            path: None,
+            writable,
+            footer,
+            footer_bytes,
+            header: Some(header.clone()),
+            bat,
+            block_size,
+            sectors_per_block: (block_size / SECTOR) as u32,
+            bitmap_bytes,
+            bitmaps: RwLock::new(HashMap::new()),
+            alloc: Mutex::new(AllocState { next_free }),
+            regions,
+            batmap,
+            trailing_footer_ok,
+        })
+    }
+
+    /// The name used in messages (the path, or what `from_io` was given).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// The path, when opened from one.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+    /// The footer in use.
+    pub fn footer(&self) -> &Footer {
+        &self.footer
+    }
+    /// The dynamic header (`None` for fixed disks).
+    pub fn header(&self) -> Option<&Header> {
+        self.header.as_ref()
+    }
+    /// Disk type.
+    pub fn disk_type(&self) -> DiskType {
+        self.footer.disk_type
+    }
+    /// Virtual size in bytes (the footer's current size).
+    pub fn virtual_size(&self) -> u64 {
+        self.footer.current_size
+    }
+    /// Block size in bytes (2 MiB for fixed disks, as an I/O unit).
+    pub fn block_size(&self) -> u64 {
+        self.block_size
+    }
+    /// Unique id.
+    pub fn uuid(&self) -> Uuid {
+        self.footer.uuid
+    }
+    /// blktap's hidden flag.
+    pub fn is_hidden(&self) -> bool {
+        self.footer.hidden != 0
+    }
+    /// True when opened for writing.
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+    /// Number of BAT entries (0 for fixed disks).
+    pub fn bat_entries(&self) -> u32 {
+        self.bat.len() as u32
+    }
+    /// Bytes of each block's sector bitmap.
+    pub fn bitmap_bytes(&self) -> u64 {
+        self.bitmap_bytes
+    }
+    /// Metadata regions found on open (footer copy, header, BAT, batmap, locators).
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
+    }
+    /// The blktap batmap header, when the file has one.
+    pub fn batmap(&self) -> Option<&BatmapHeader> {
+        self.batmap.as_ref()
+    }
+    /// False when the footer at the end of the file was unusable and the copy at 0 was used.
+    pub fn trailing_footer_ok(&self) -> bool {
+        self.trailing_footer_ok
+    }
+    /// The underlying I/O object.
+    pub fn io(&self) -> &Arc<dyn BlockIo> {
+        &self.io
+    }
+    /// Number of blocks covering the virtual size.
+    pub fn blocks(&self) -> u64 {
+        self.footer.current_size.div_ceil(self.block_size)
+    }
+
+    /// Sector offset of block `b` in the file, `None` when not allocated (or past the BAT).
+    pub fn bat_entry(&self, b: u64) -> Option<u32> {
+        if self.footer.disk_type == DiskType::Fixed {
+            return (b * self.block_size < self.footer.current_size).then_some(0);
+        }
+        let e = self
+            .bat
+            .get(usize::try_from(b).ok()?)?
+            .load(Ordering::Acquire);
+        (e != BAT_UNUSED).then_some(e)
+    }
+    /// True when block `b` holds data in this file.
+    pub fn is_allocated(&self, b: u64) -> bool {
+        self.bat_entry(b).is_some()
+    }
+    /// Number of allocated blocks.
+    pub fn allocated_blocks(&self) -> u64 {
+        (0..self.blocks().max(self.bat.len() as u64))
+            .filter(|&b| self.is_allocated(b))
+            .count() as u64
+    }
+
+    /// The sector bitmap of block `b` (cached), `None` when the block is not allocated.
+    pub fn presence(&self, b: u64) -> Result<Option<Arc<Bitmap>>> {
+        let Some(entry) = self.bat_entry(b) else {
+            return Ok(None);
+        };
+        if self.footer.disk_type == DiskType::Fixed {
+            let start = b * self.block_size;
+            let n = ((self.footer.current_size - start).min(self.block_size) / SECTOR) as u32;
+            if n == self.sectors_per_block {
+                return Ok(Some(Arc::new(Bitmap::full(
+                    (self.sectors_per_block / 8) as usize,
+                ))));
+            }
+            let mut bits = vec![0u8; (self.sectors_per_block / 8) as usize];
+            for s in 0..n {
+                bits[(s / 8) as usize] |= 0x80 >> (s % 8);
+            }
+            return Ok(Some(Arc::new(Bitmap::from_bits(
+                bits.into_boxed_slice(),
+                self.sectors_per_block,
+            ))));
+        }
+        if let Some(bm) = self
+            .bitmaps
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(b as u32))
+        {
+            return Ok(Some(bm.clone()));
+        }
+        let mut bits = vec![0u8; self.bitmap_bytes as usize];
+        let off = entry as u64 * SECTOR;
+        self.io.read_at(&mut bits, off).map_err(|e| {
+            Error::io(
+                &self.name,
+                format!("reading the bitmap of block {b} at offset {off}"),
+                e,
+            )
+        })?;
+        let bm = Arc::new(Bitmap::from_bits(
+            bits.into_boxed_slice(),
+            self.sectors_per_block,
+        ));
+        let mut map = self.bitmaps.write().unwrap_or_else(|e| e.into_inner());
+        Ok(Some(map.entry(b as u32).or_insert(bm).clone()))
+    }
+
+    /// Reads `buf.len()` bytes of block `b`'s data starting `byte` bytes into the block. The
+    /// block must be allocated.
+    pub fn read_data(&self, b: u64, byte: u64, buf: &mut [u8]) -> Result<()> {
+        let off = self.data_offset(b)? + byte;
+        self.io.read_at(buf, off).map_err(|e| {
+            Error::io(
+                &self.name,
+                format!("reading {} bytes of block {b} at offset {off}", buf.len()),
+                e,
+            )
+        })
+    }
+
+    fn data_offset(&self, b: u64) -> Result<u64> {
+        if self.footer.disk_type == DiskType::Fixed {
+            return Ok(b * self.block_size);
+        }
+        let e = self.bat_entry(b).ok_or_else(|| {
+            Error::InvalidArgument(format!("{}: block {b} is not allocated", self.name))
+        })?;
+        Ok(e as u64 * SECTOR + self.bitmap_bytes)
+    }
+
+    /// Writes whole sectors `data` into block `b` from sector `first`, allocating the block
+    /// when needed and marking the sectors present. Returns true when a block was allocated.
+    pub fn write_sectors(&self, b: u64, first: u32, data: &[u8]) -> Result<bool> {
+        if !self.writable {
+            return Err(Error::ReadOnly(self.name.clone()));
+        }
+        let n = (data.len() as u64 / SECTOR) as u32;
+        if data.len() as u64 % SECTOR != 0
+            || first as u64 + n as u64 > self.sectors_per_block as u64
+        {
+            return Err(Error::InvalidArgument(format!(
+                "{}: write of {} bytes at sector {first} does not fit block {b} in whole sectors",
+                self.name,
+                data.len()
+            )));
+        }
+        if b >= self.blocks() {
+            return Err(Error::InvalidArgument(format!(
+                "{}: block {b} is past the end of the disk",
+                self.name
+            )));
+        }
+        if self.footer.disk_type == DiskType::Fixed {
+            let off = b * self.block_size + first as u64 * SECTOR;
+            self.io.write_at(data, off).map_err(|e| {
+                Error::io(
+                    &self.name,
+                    format!("writing {} bytes at offset {off}", data.len()),
+                    e,
+                )
+            })?;
+            return Ok(false);
+        }
+        if let Some(entry) = self.bat_entry(b) {
+            self.write_into(b, entry, first, data)?;
+            return Ok(false);
+        }
+        let mut st = lock(&self.alloc);
+        if let Some(entry) = self.bat_entry(b) {
+            drop(st);
+            self.write_into(b, entry, first, data)?;
+            return Ok(false);
+        }
+        let start = st.next_free;
+        let end = start + self.bitmap_bytes + self.block_size;
+        let sector = u32::try_from(start / SECTOR)
+            .ok()
+            .filter(|&s| s != BAT_UNUSED)
+            .ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "{}: file would grow past the 2 TiB addressable by a BAT",
+                    self.name
+                ))
+            })?;
+        let werr = |what: &str, off: u64, e| {
+            Error::io(
+                &self.name,
+                format!("writing the {what} of new block {b} at offset {off}"),
+                e,
+            )
+        };
+        // 1. footer at the future end: the file always ends with a valid footer.
+        self.io
+            .write_at(&self.footer_bytes, end)
+            .map_err(|e| werr("moved footer", end, e))?;
+        // 2. data.
+        let doff = start + self.bitmap_bytes + first as u64 * SECTOR;
+        self.io
+            .write_at(data, doff)
+            .map_err(|e| werr("data", doff, e))?;
+        // 3. bitmap: a base disk marks the whole (zero-filled) block present, as qemu does; a
+        //    differencing disk marks only the sectors written, the rest still reads the parent.
+        let bm = if self.footer.disk_type == DiskType::Differencing {
+            let mut bits = vec![0u8; self.bitmap_bytes as usize];
+            for s in first..first + n {
+                bits[(s / 8) as usize] |= 0x80 >> (s % 8);
+            }
+            Bitmap::from_bits(bits.into_boxed_slice(), self.sectors_per_block)
+        } else {
+            Bitmap::full(self.bitmap_bytes as usize)
+        };
+        self.io
+            .write_at(&bm.bits, start)
+            .map_err(|e| werr("bitmap", start, e))?;
+        // 4. BAT entry.
+        let toff = self.header.as_ref().map_or(0, |h| h.table_offset) + 4 * b;
+        self.io
+            .write_at(&sector.to_be_bytes(), toff)
+            .map_err(|e| werr("BAT entry", toff, e))?;
+        st.next_free = end;
+        self.bitmaps
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(b as u32, Arc::new(bm));
+        self.bat[b as usize].store(sector, Ordering::Release);
+        tracing::trace!(file = %self.name, block = b, offset = start, "allocated block");
+        Ok(true)
+    }
+
+    fn write_into(&self, b: u64, entry: u32, first: u32, data: &[u8]) -> Result<()> {
+        let base = entry as u64 * SECTOR;
+        let doff = base + self.bitmap_bytes + first as u64 * SECTOR;
+        self.io.write_at(data, doff).map_err(|e| {
+            Error::io(
+                &self.name,
+                format!("writing {} bytes of block {b} at offset {doff}", data.len()),
+                e,
+            )
+        })?;
+        let n = (data.len() as u64 / SECTOR) as u32;
+        let cur = self.presence(b)?.expect("allocated block has a bitmap");
+        if cur.full || Bitmap::all_set(&cur.bits, first, n) {
+            return Ok(());
+        }
+        let _st = lock(&self.alloc);
+        let cur = self.presence(b)?.expect("allocated block has a bitmap");
+        let mut bits = cur.bits.clone();
+        for s in first..first + n {
+            bits[(s / 8) as usize] |= 0x80 >> (s % 8);
+        }
+        // Write only the bitmap sectors that changed.
+        let s0 = (first / 8) as u64 / SECTOR * SECTOR;
+        let s1 = round_up(((first + n - 1) / 8) as u64 + 1, SECTOR).min(self.bitmap_bytes);
+        self.io
+            .write_at(&bits[s0 as usize..s1 as usize], base + s0)
+            .map_err(|e| {
+                Error::io(
+                    &self.name,
+                    format!("writing the bitmap of block {b} at offset {}", base + s0),
+                    e,
+                )
+            })?;
+        let bm = Bitmap::from_bits(bits, self.sectors_per_block);
+        self.bitmaps
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(b as u32, Arc::new(bm));
+        Ok(())
+    }
+
+    /// Makes every write so far durable (fdatasync).
+    pub fn flush(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        self.io
+            .sync()
+            .map_err(|e| Error::io(&self.name, "flushing (fsync)", e))
+    }
+}

@@ -1,0 +1,693 @@
+//! Engine tests across modules: in-memory and on-disk chains, confinement, hostile files,
+//! crash ordering, and a proptest model of create/write/snapshot/read.
+
+use crate::*;
+use proptest::prelude::*;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+const BS: u32 = 64 * 1024;
+
+fn mem_dynamic(size: u64) -> Arc<MemFile> {
+    let m = Arc::new(MemFile::new());
+    let opts = CreateOptions {
+        block_size: BS,
+        uuid: None,
+    };
+    create_dynamic_io(m.as_ref(), "mem", size, &opts, None).unwrap();
+    m
+}
+
+fn mem_child(parent: &Arc<MemFile>, name: &str) -> Arc<MemFile> {
+    let p = Disk::from_io(parent.clone(), "parent", false).unwrap();
+    let m = Arc::new(MemFile::new());
+    let pref = ParentRef {
+        uuid: p.uuid(),
+        timestamp: 0,
+        name: name.into(),
+        relative_path: format!("./{name}"),
+    };
+    let opts = CreateOptions {
+        block_size: BS,
+        uuid: None,
+    };
+    create_dynamic_io(m.as_ref(), "child", p.virtual_size(), &opts, Some(&pref)).unwrap();
+    m
+}
+
+/// Opens in-memory files (leaf first) as a chain; the leaf writable.
+fn mem_chain(files: &[Arc<MemFile>]) -> Chain {
+    let layers = files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| Disk::from_io(f.clone(), &format!("layer{i}"), i == 0).unwrap())
+        .collect();
+    Chain::from_layers(layers, Vec::new(), true).unwrap()
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (seed.wrapping_mul(31).wrapping_add(i as u64 * 7) % 251) as u8 + 1)
+        .collect()
+}
+
+fn read_all(c: &Chain) -> Vec<u8> {
+    let mut v = vec![0u8; c.virtual_size() as usize];
+    c.read_at(&mut v, 0).unwrap();
+    v
+}
+
+#[test]
+fn fresh_dynamic_disk_reads_zero_and_reports_one_zero_extent() {
+    let c = mem_chain(&[mem_dynamic(1 << 20)]);
+    assert_eq!(c.virtual_size(), 1 << 20);
+    assert!(read_all(&c).iter().all(|&b| b == 0));
+    let st = c.block_status(0, 1 << 20).unwrap();
+    assert_eq!(
+        st,
+        vec![Extent {
+            offset: 0,
+            length: 1 << 20,
+            state: ExtentState::Zero
+        }]
+    );
+}
+
+#[test]
+fn unaligned_writes_read_back_and_survive_reopen() {
+    let f = mem_dynamic(1 << 20);
+    let mut model = vec![0u8; 1 << 20];
+    {
+        let c = mem_chain(std::slice::from_ref(&f));
+        for (off, len, seed) in [
+            (0u64, 512usize, 1u64),
+            (1000, 3000, 2),
+            (BS as u64 - 7, 100, 3),
+            (900_000, 148_576, 4),
+        ] {
+            let d = pattern(seed, len);
+            c.write_at(&d, off).unwrap();
+            model[off as usize..off as usize + len].copy_from_slice(&d);
+        }
+        c.flush().unwrap();
+        assert_eq!(read_all(&c), model);
+    }
+    let c = mem_chain(&[f]);
+    assert_eq!(read_all(&c), model);
+}
+
+#[test]
+fn differencing_child_reads_parent_where_unwritten_and_leaves_parent_untouched() {
+    let base = mem_dynamic(512 * 1024);
+    {
+        let c = mem_chain(std::slice::from_ref(&base));
+        c.write_at(&vec![0xAA; 200_000], 10_000).unwrap();
+    }
+    let before = base.to_bytes();
+    let child = mem_child(&base, "base.vhd");
+    let c = mem_chain(&[child, base.clone()]);
+    c.write_at(&[0x55; 1024], 10_240).unwrap();
+    let mut buf = vec![0u8; 4096];
+    c.read_at(&mut buf, 8192).unwrap();
+    assert!(buf[..1808].iter().all(|&b| b == 0));
+    assert!(buf[1808..2048].iter().all(|&b| b == 0xAA));
+    assert!(buf[2048..3072].iter().all(|&b| b == 0x55));
+    assert!(buf[3072..].iter().all(|&b| b == 0xAA));
+    assert_eq!(base.to_bytes(), before, "parent was modified");
+    let st = c.block_status(8192, 4096).unwrap();
+    assert_eq!(
+        st,
+        vec![
+            // The base is a dynamic disk: its allocated blocks are wholly present (zero-filled).
+            Extent {
+                offset: 8192,
+                length: 2048,
+                state: ExtentState::Data { layer: 1 }
+            },
+            Extent {
+                offset: 10240,
+                length: 1024,
+                state: ExtentState::Data { layer: 0 }
+            },
+            Extent {
+                offset: 11264,
+                length: 1024,
+                state: ExtentState::Data { layer: 1 }
+            },
+        ]
+    );
+}
+
+#[test]
+fn write_zeroes_hides_parent_data_and_skips_holes() {
+    let base = mem_dynamic(256 * 1024);
+    mem_chain(std::slice::from_ref(&base))
+        .write_at(&[7; 4096], 0)
+        .unwrap();
+    let child = mem_child(&base, "b");
+    let c = mem_chain(&[child.clone(), base]);
+    c.write_zeroes(0, 256 * 1024).unwrap();
+    assert!(read_all(&c).iter().all(|&b| b == 0));
+    // Only the block holding parent data was allocated in the child.
+    assert_eq!(c.layers()[0].allocated_blocks(), 1);
+}
+
+#[test]
+fn read_only_chain_refuses_writes() {
+    let f = mem_dynamic(1 << 20);
+    let d = Disk::from_io(f, "ro", false).unwrap();
+    let c = Chain::from_layers(vec![d], Vec::new(), false).unwrap();
+    assert!(matches!(c.write_at(&[0; 512], 0), Err(Error::ReadOnly(_))));
+    assert!(matches!(
+        c.read_at(&mut [0; 512], 1 << 20),
+        Err(Error::OutOfRange { .. })
+    ));
+}
+
+#[test]
+fn chain_refuses_a_parent_with_the_wrong_uuid() {
+    let base = mem_dynamic(1 << 20);
+    let other = mem_dynamic(1 << 20);
+    let child = mem_child(&base, "b");
+    let layers = vec![
+        Disk::from_io(child, "c", false).unwrap(),
+        Disk::from_io(other, "o", false).unwrap(),
+    ];
+    assert!(matches!(
+        Chain::from_layers(layers, vec![], false),
+        Err(Error::ParentMismatch { .. })
+    ));
+}
+
+/// A BlockIo that fails every write after the first `limit` — a crash at that point.
+struct CrashIo {
+    inner: MemFile,
+    writes: AtomicUsize,
+    limit: usize,
+}
+
+impl BlockIo for CrashIo {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        if self.writes.fetch_add(1, Ordering::SeqCst) >= self.limit {
+            return Err(std::io::Error::other("simulated crash"));
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+}
+
+#[test]
+fn crash_at_any_write_leaves_a_readable_file_with_flushed_data_intact() {
+    for diff in [false, true] {
+        let base = mem_dynamic(512 * 1024);
+        mem_chain(std::slice::from_ref(&base))
+            .write_at(&pattern(9, 100_000), 5000)
+            .unwrap();
+        let template = if diff {
+            mem_child(&base, "b")
+        } else {
+            base.clone()
+        };
+        let flushed = pattern(1, 70_000);
+        let later = pattern(2, 200_000);
+        for limit in 0..40 {
+            let io = Arc::new(CrashIo {
+                inner: MemFile::from_bytes(template.to_bytes()),
+                writes: AtomicUsize::new(0),
+                limit: usize::MAX,
+            });
+            let mk = |io: Arc<CrashIo>| {
+                let mut layers = vec![Disk::from_io(io, "leaf", true).unwrap()];
+                if diff {
+                    layers.push(Disk::from_io(base.clone(), "base", false).unwrap());
+                }
+                Chain::from_layers(layers, vec![], true).unwrap()
+            };
+            let c = mk(io.clone());
+            c.write_at(&flushed, 1000).unwrap();
+            c.flush().unwrap();
+            let expect_flushed = read_all(&c);
+            let io2 = Arc::new(CrashIo {
+                inner: MemFile::from_bytes(io.inner.to_bytes()),
+                writes: AtomicUsize::new(0),
+                limit,
+            });
+            let c2 = mk(io2.clone());
+            let _ = c2.write_at(&later, 150_000);
+            let _ = c2.write_at(&later[..3000], 60_000);
+            // "Crash": reopen the bytes as they are.
+            let after = Arc::new(MemFile::from_bytes(io2.inner.to_bytes()));
+            let mut layers = vec![Disk::from_io(after.clone(), "after", false)
+                .unwrap_or_else(|e| panic!("limit {limit}: {e}"))];
+            if diff {
+                layers.push(Disk::from_io(base.clone(), "base", false).unwrap());
+            }
+            let c3 = Chain::from_layers(layers, vec![], false).unwrap();
+            let got = read_all(&c3);
+            // Flushed data outside the later writes is intact.
+            assert_eq!(
+                got[1000..60_000],
+                expect_flushed[1000..60_000],
+                "limit {limit} diff {diff}"
+            );
+            let rep = check_io(after, "after");
+            assert!(rep.is_ok(), "limit {limit}: {:?}", rep.problems);
+        }
+    }
+}
+
+// ---- files on disk: locators, confinement, hidden flag, check, hostile files ----
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+fn opts_bs() -> CreateOptions {
+    CreateOptions {
+        block_size: BS,
+        uuid: None,
+    }
+}
+
+fn open(leaf: &Path, root: &Path) -> Result<Chain> {
+    Chain::open(leaf, &ChainOptions::new(root).writable(true))
+}
+
+#[test]
+fn file_chain_opens_from_its_leaf_through_relative_locators() {
+    let d = tmp();
+    let base = d.path().join("base.vhd");
+    create_dynamic(&base, 1 << 20, &opts_bs()).unwrap();
+    std::fs::create_dir(d.path().join("sub")).unwrap();
+    let mid = d.path().join("sub/mid.vhd");
+    create_differencing(&mid, &base, &CreateOptions::default()).unwrap();
+    let top = d.path().join("top.vhd");
+    create_differencing(&top, &mid, &CreateOptions::default()).unwrap();
+    let i = info(&mid).unwrap();
+    assert_eq!(
+        i.block_size,
+        Some(BS as u64),
+        "child takes the parent's block size"
+    );
+    assert!(
+        i.parent_locators
+            .iter()
+            .any(|(k, t)| k == "MacX" && t == "./../base.vhd" || t == "../base.vhd"),
+        "{:?}",
+        i.parent_locators
+    );
+    let c = open(&top, d.path()).unwrap();
+    assert_eq!(c.depth(), 3);
+    assert_eq!(c.paths()[2], base.canonicalize().unwrap());
+    c.write_at(b"hello", 4096).unwrap();
+    c.flush().unwrap();
+    for f in [&base, &mid, &top] {
+        let r = check::check_with_root(f, d.path()).unwrap();
+        assert!(r.is_ok(), "{}: {:?}", f.display(), r.problems);
+    }
+}
+
+#[test]
+fn parent_outside_the_root_is_refused() {
+    let d = tmp();
+    let outside = d.path().join("outside.vhd");
+    create_dynamic(&outside, 1 << 20, &opts_bs()).unwrap();
+    let root = d.path().join("sr");
+    std::fs::create_dir(&root).unwrap();
+    let child = root.join("child.vhd");
+    create_differencing(&child, &outside, &opts_bs()).unwrap();
+    let e = open(&child, &root).unwrap_err();
+    assert!(matches!(e, Error::OutsideRoot { .. }), "{e}");
+    assert!(e.to_string().contains("outside the root"), "{e}");
+    // With the wider root it opens.
+    assert_eq!(open(&child, d.path()).unwrap().depth(), 2);
+}
+
+#[test]
+fn symlinked_parent_leading_out_of_the_root_is_refused() {
+    let d = tmp();
+    let root = d.path().join("sr");
+    std::fs::create_dir(&root).unwrap();
+    let outside = d.path().join("real.vhd");
+    create_dynamic(&outside, 1 << 20, &opts_bs()).unwrap();
+    let link = root.join("base.vhd");
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+    let child = root.join("child.vhd");
+    create_differencing(&child, &link, &opts_bs()).unwrap();
+    // create_differencing resolved the link: its locator points outside the root.
+    let e = open(&child, &root).unwrap_err();
+    assert!(matches!(e, Error::OutsideRoot { .. }), "{e}");
+}
+
+#[test]
+fn leaf_outside_the_root_is_refused() {
+    let d = tmp();
+    let f = d.path().join("a.vhd");
+    create_dynamic(&f, 1 << 20, &opts_bs()).unwrap();
+    let sub = d.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    assert!(matches!(open(&f, &sub), Err(Error::OutsideRoot { .. })));
+}
+
+#[test]
+fn chain_cycle_and_depth_limit_are_refused() {
+    let d = tmp();
+    let a = d.path().join("a.vhd");
+    create_dynamic(&a, 1 << 20, &opts_bs()).unwrap();
+    let b = d.path().join("b.vhd");
+    create_differencing(&b, &a, &opts_bs()).unwrap();
+    let c = d.path().join("c.vhd");
+    create_differencing(&c, &b, &opts_bs()).unwrap();
+    let mut o = ChainOptions::new(d.path());
+    o.max_depth = 2;
+    assert!(matches!(
+        Chain::open(&c, &o),
+        Err(Error::TooDeep { max: 2, .. })
+    ));
+    // Make a cycle: b's parent becomes c (uuid and locators), c's parent is b.
+    set_parent(&b, &c).unwrap();
+    let e = Chain::open(&c, &ChainOptions::new(d.path())).unwrap_err();
+    assert!(matches!(e, Error::Cycle(_)), "{e}");
+}
+
+#[test]
+fn set_hidden_sets_both_footer_copies_with_valid_checksums() {
+    let d = tmp();
+    let f = d.path().join("a.vhd");
+    create_dynamic(&f, 1 << 20, &opts_bs()).unwrap();
+    set_hidden(&f, true).unwrap();
+    let bytes = std::fs::read(&f).unwrap();
+    let n = bytes.len();
+    assert_eq!(bytes[85], 1);
+    assert_eq!(bytes[n - 512 + 85], 1);
+    assert!(info(&f).unwrap().hidden);
+    assert!(check(&f).unwrap().is_ok());
+    set_hidden(&f, false).unwrap();
+    assert!(!info(&f).unwrap().hidden);
+}
+
+#[test]
+fn set_parent_repoints_locators_and_uuid() {
+    let d = tmp();
+    let a = d.path().join("a.vhd");
+    create_dynamic(&a, 1 << 20, &opts_bs()).unwrap();
+    let b = d.path().join("b.vhd");
+    std::fs::copy(&a, &b).unwrap(); // same content, same uuid: make b distinct via a new file
+    std::fs::remove_file(&b).unwrap();
+    create_dynamic(&b, 1 << 20, &opts_bs()).unwrap();
+    let c = d.path().join("c.vhd");
+    create_differencing(&c, &a, &opts_bs()).unwrap();
+    set_parent(&c, &b).unwrap();
+    let ch = Chain::open(&c, &ChainOptions::new(d.path())).unwrap();
+    assert_eq!(ch.paths()[1], b.canonicalize().unwrap());
+    assert!(check(&c).unwrap().is_ok());
+}
+
+fn corrupt(path: &Path, off: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, off).unwrap();
+}
+
+fn fix_footer_checksums(path: &Path) {
+    let mut b = std::fs::read(path).unwrap();
+    let n = b.len();
+    for off in [0, n - 512] {
+        let c = format::checksum(&b[off..off + 512], 64);
+        b[off + 64..off + 68].copy_from_slice(&c.to_be_bytes());
+    }
+    std::fs::write(path, b).unwrap();
+}
+
+fn hostile_base(d: &tempfile::TempDir) -> PathBuf {
+    let f = d.path().join("h.vhd");
+    create_dynamic(&f, 1 << 20, &opts_bs()).unwrap();
+    let c = open(&f, d.path()).unwrap();
+    c.write_at(&[1; 4096], 0).unwrap();
+    c.write_at(&[2; 4096], 3 * BS as u64).unwrap();
+    f
+}
+
+#[test]
+fn truncated_file_is_refused_with_a_clear_error() {
+    let d = tmp();
+    let f = hostile_base(&d);
+    let len = std::fs::metadata(&f).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(len - 10_000)
+        .unwrap();
+    let e = Disk::open(&f, false).unwrap_err().to_string();
+    assert!(e.contains("BAT entry") && e.contains("past the end"), "{e}");
+    assert!(!check(&f).unwrap().is_ok());
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(100)
+        .unwrap();
+    let e = Disk::open(&f, false).unwrap_err().to_string();
+    assert!(e.contains("too short"), "{e}");
+}
+
+#[test]
+fn bad_header_checksum_names_the_structure_and_offset() {
+    let d = tmp();
+    let f = hostile_base(&d);
+    corrupt(&f, 512 + 100, &[0x42]);
+    let e = Disk::open(&f, false).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Checksum {
+                structure: "dynamic header",
+                offset: 512,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let r = check(&f).unwrap();
+    assert!(
+        r.problems.iter().any(|p| p.what.contains("checksum")),
+        "{:?}",
+        r.problems
+    );
+}
+
+#[test]
+fn bad_footer_checksum_in_both_copies_is_refused() {
+    let d = tmp();
+    let f = hostile_base(&d);
+    let n = std::fs::metadata(&f).unwrap().len();
+    corrupt(&f, 50, &[0x42]);
+    // Only the copy at 0 broken: opens (trailing footer is primary), check reports it.
+    assert!(Disk::open(&f, false).is_ok());
+    let r = check(&f).unwrap();
+    assert!(
+        r.problems
+            .iter()
+            .any(|p| p.offset == Some(0) && p.what.contains("checksum")),
+        "{:?}",
+        r.problems
+    );
+    corrupt(&f, n - 512 + 50, &[0x42]);
+    let e = Disk::open(&f, false).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Checksum {
+                structure: "footer",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn bat_entry_past_eof_or_overlapping_is_refused() {
+    let d = tmp();
+    let f = hostile_base(&d);
+    // BAT at 1536: entry 3 points far past the end.
+    corrupt(&f, 1536 + 12, &0x00FF_0000u32.to_be_bytes());
+    let e = Disk::open(&f, false).unwrap_err().to_string();
+    assert!(
+        e.contains("BAT entry 3") && e.contains("past the end"),
+        "{e}"
+    );
+    // Entry 3 now points at block 0's sectors: overlap.
+    let e0 = std::fs::read(&f).unwrap()[1536..1540].to_vec();
+    corrupt(&f, 1536 + 12, &e0);
+    let e = Disk::open(&f, false).unwrap_err().to_string();
+    assert!(e.contains("overlap"), "{e}");
+    let r = check(&f).unwrap();
+    assert!(
+        r.problems.iter().any(|p| p.what.contains("overlaps")),
+        "{:?}",
+        r.problems
+    );
+    // Entry 3 points into the BAT (metadata).
+    corrupt(&f, 1536 + 12, &3u32.to_be_bytes());
+    let e = Disk::open(&f, false).unwrap_err().to_string();
+    assert!(e.contains("overlap"), "{e}");
+}
+
+#[test]
+fn absurd_sizes_are_refused() {
+    let d = tmp();
+    let f = hostile_base(&d);
+    let n = std::fs::metadata(&f).unwrap().len();
+    for off in [0, n - 512] {
+        corrupt(&f, off + 48, &(5u64 << 40).to_be_bytes());
+    }
+    fix_footer_checksums(&f);
+    let e = Disk::open(&f, false).unwrap_err().to_string();
+    assert!(e.contains("current size") && e.contains("2040 GiB"), "{e}");
+    assert!(create_dynamic(&d.path().join("x.vhd"), 3 << 40, &opts_bs()).is_err());
+    let f2 = d.path().join("y.vhd");
+    create_dynamic(&f2, 1 << 20, &opts_bs()).unwrap();
+    // max table entries absurdly large: BAT would extend past the end.
+    let mut b = std::fs::read(&f2).unwrap();
+    b[512 + 28..512 + 32].copy_from_slice(&0x4000_0000u32.to_be_bytes());
+    let c = format::checksum(&b[512..1536], 36);
+    b[512 + 36..512 + 40].copy_from_slice(&c.to_be_bytes());
+    std::fs::write(&f2, b).unwrap();
+    let e = Disk::open(&f2, false).unwrap_err().to_string();
+    assert!(e.contains("BAT") && e.contains("past the end"), "{e}");
+}
+
+#[test]
+fn existing_batmap_is_preserved_and_new_blocks_go_after_it() {
+    // Build a file with a blktap-style batmap after the BAT, then write through it.
+    let f = mem_dynamic(1 << 20);
+    let mut b = f.to_bytes();
+    let footer_at = b.len() - 512;
+    let footer = b[footer_at..].to_vec();
+    b.truncate(footer_at);
+    let bm_hdr = b.len() as u64; // sector after the BAT
+    let bm_data = bm_hdr + 512;
+    let mut h = vec![0u8; 512];
+    h[..8].copy_from_slice(b"tdbatmap");
+    h[8..16].copy_from_slice(&bm_data.to_be_bytes());
+    h[16..20].copy_from_slice(&1u32.to_be_bytes());
+    h[20..24].copy_from_slice(&0x0001_0002u32.to_be_bytes());
+    b.extend_from_slice(&h);
+    b.extend_from_slice(&[0xEE; 512]);
+    b.extend_from_slice(&footer);
+    let m = Arc::new(MemFile::from_bytes(b));
+    let c = mem_chain(std::slice::from_ref(&m));
+    assert!(c.layers()[0].batmap().is_some());
+    c.write_at(&[9; 4096], 0).unwrap();
+    let after = m.to_bytes();
+    assert_eq!(&after[bm_hdr as usize..bm_hdr as usize + 8], b"tdbatmap");
+    assert!(after[bm_data as usize..bm_data as usize + 512]
+        .iter()
+        .all(|&x| x == 0xEE));
+    let entry = u32::from_be_bytes(after[1536..1540].try_into().unwrap()) as u64 * 512;
+    assert!(entry >= bm_data + 512, "block at {entry} overlaps metadata");
+    assert!(check_io(m, "m").is_ok());
+}
+
+#[test]
+fn concurrent_readers_and_writers_see_consistent_data() {
+    let f = mem_dynamic(2 << 20);
+    let c = Arc::new(mem_chain(&[f]));
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let c = c.clone();
+            s.spawn(move || {
+                for i in 0..16u64 {
+                    let off = (t * 16 + i) * 8192;
+                    c.write_at(&[(t + 1) as u8; 8192], off).unwrap();
+                    let mut r = [0u8; 8192];
+                    c.read_at(&mut r, off).unwrap();
+                    assert!(r.iter().all(|&x| x == (t + 1) as u8));
+                }
+            });
+        }
+    });
+}
+
+// ---- property test: random create/write/snapshot/read against a model ----
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write { off: u64, len: usize, seed: u64 },
+    Zero { off: u64, len: u64 },
+    Snapshot,
+    Read { off: u64, len: usize },
+}
+
+const PSIZE: u64 = 6 * BS as u64 + 3 * 512;
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..PSIZE, 1usize..150_000, any::<u64>()).prop_map(|(off, len, seed)| Op::Write { off, len: len.min((PSIZE - off) as usize), seed }),
+        1 => (0..PSIZE, 1u64..100_000).prop_map(|(off, len)| Op::Zero { off, len: len.min(PSIZE - off) }),
+        1 => Just(Op::Snapshot),
+        2 => (0..PSIZE, 1usize..200_000).prop_map(|(off, len)| Op::Read { off, len: len.min((PSIZE - off) as usize) }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+    #[test]
+    fn chain_matches_a_flat_model(ops in prop::collection::vec(op(), 1..24)) {
+        let mut files = vec![mem_dynamic(PSIZE)];
+        let mut model = vec![0u8; PSIZE as usize];
+        let mut chain = mem_chain(&files);
+        for op in ops {
+            match op {
+                Op::Write { off, len, seed } => {
+                    let d = pattern(seed, len);
+                    chain.write_at(&d, off).unwrap();
+                    model[off as usize..off as usize + len].copy_from_slice(&d);
+                }
+                Op::Zero { off, len } => {
+                    chain.write_zeroes(off, len).unwrap();
+                    model[off as usize..(off + len) as usize].fill(0);
+                }
+                Op::Snapshot => {
+                    drop(chain);
+                    let child = mem_child(&files[0], "p");
+                    files.insert(0, child);
+                    chain = mem_chain(&files);
+                }
+                Op::Read { off, len } => {
+                    let mut b = vec![0u8; len];
+                    chain.read_at(&mut b, off).unwrap();
+                    prop_assert_eq!(&b[..], &model[off as usize..off as usize + len]);
+                }
+            }
+            // block_status agrees with the data: Zero extents read as zeros.
+            for e in chain.block_status(0, PSIZE).unwrap() {
+                if e.state == ExtentState::Zero {
+                    prop_assert!(model[e.offset as usize..(e.offset + e.length) as usize].iter().all(|&b| b == 0));
+                }
+            }
+        }
+        drop(chain);
+        // Reopen everything from bytes: persisted state equals the model, and every file checks.
+        let reopened: Vec<Arc<MemFile>> = files.iter().map(|f| Arc::new(MemFile::from_bytes(f.to_bytes()))).collect();
+        for f in &reopened {
+            let r = check_io(f.clone(), "f");
+            prop_assert!(r.is_ok(), "{:?}", r.problems);
+        }
+        prop_assert_eq!(read_all(&mem_chain(&reopened)), model);
+    }
+}
