@@ -134,7 +134,7 @@ fn xenstore_watch_sees_registration_and_deregistration() {
         }
     });
     let mut seen: Vec<String> = Vec::new();
-    let mut until = |seen: &mut Vec<String>, what: &str, pred: &dyn Fn(&[String]) -> bool| {
+    let until = |seen: &mut Vec<String>, what: &str, pred: &dyn Fn(&[String]) -> bool| {
         let t0 = Instant::now();
         while !pred(seen) {
             let left = Duration::from_secs(15).saturating_sub(t0.elapsed());
