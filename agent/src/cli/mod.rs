@@ -7,4 +7,5 @@ pub mod serve;
 pub mod sr;
 pub mod vdi;
 pub mod vhd;
+pub mod vhd_coalesce;
 pub mod xs;
