@@ -8,13 +8,15 @@
 use crate::config::{AgentConfig, XenBackend, EXAMPLE};
 use crate::core::{Storage, StorageConfig};
 use crate::failpoint::{self, Failpoints};
-use crate::server::{self, BoxFuture, Server, Service};
+use crate::server::xenstore::XsAnnouncer;
+use crate::server::{self, Announcer, BoxFuture, Server, Service};
 use anyhow::Context;
 use clap::Args;
-use interface::{Call, Reply};
+use interface::{Call, Reply, INTERFACES};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use xs_registry::registry::Registration;
 
 /// On or off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -194,20 +196,53 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     if cfg.xen != XenBackend::None {
         anyhow::bail!(
-            "--xen {:?}: the vchan listener is not available in this build; use --xen none",
+            "--xen {:?}: serving over vchan needs a xenstore rendezvous this build lacks; use --xen none",
             cfg.xen
         );
     }
-    if cfg.xenstore.enabled {
-        anyhow::bail!("--xenstore on: xenstore registration is not available in this build");
-    }
+    // Announce only once listening: the registry writes `state = ready` last.
+    let announcer: Option<Arc<dyn Announcer>> = if cfg.xenstore.enabled {
+        let sock = cfg.xenstore.socket_path();
+        let xs = xs_registry::client::Xs::connect(&sock)
+            .await
+            .with_context(|| format!("connecting to xenstore at {}", sock.display()))?;
+        let unix_path =
+            (!cfg.unix.path.as_os_str().is_empty()).then(|| cfg.unix.path.display().to_string());
+        let reg = Registration {
+            agent: format!("ddstor {}", env!("CARGO_PKG_VERSION")),
+            interfaces: INTERFACES.iter().map(|s| s.to_string()).collect(),
+            vchan_port: cfg.vchan.port.clone(),
+            unix_path,
+            srs: Vec::new(),
+            load: 0,
+        };
+        let a = XsAnnouncer::register(xs, &reg)
+            .await
+            .context("registering in xenstore")?;
+        Some(Arc::new(a))
+    } else {
+        None
+    };
+    let announce_task = announcer.clone().map(|a| {
+        tokio::spawn(server::run_announcer(
+            server.clone(),
+            a,
+            Duration::from_secs(cfg.xenstore.heartbeat_secs.max(1)),
+        ))
+    });
     tracing::info!(
         unix = %cfg.unix.path.display(),
         data_dir = %cfg.data_dir.display(),
+        xenstore = cfg.xenstore.enabled,
         "ddstor serving"
     );
     let sig = wait_for_signal().await?;
     tracing::info!(signal = sig, "stopping: finishing in-flight calls");
+    if let Some(a) = &announcer {
+        if let Err(e) = a.stopping().await {
+            tracing::warn!(error = %e, "could not write state = stopping in xenstore");
+        }
+    }
     let _ = stop_tx.send(true);
     for l in listeners {
         let _ = l.await;
@@ -220,6 +255,15 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
             in_flight = left,
             "grace period over; exiting with calls still running"
         );
+    }
+    if let Some(t) = announce_task {
+        t.abort();
+    }
+    if let Some(a) = &announcer {
+        match a.deregister().await {
+            Ok(()) => tracing::info!("deregistered from xenstore"),
+            Err(e) => tracing::warn!(error = %e, "could not deregister from xenstore"),
+        }
     }
     tracing::info!("stopped");
     Ok(())

@@ -409,5 +409,7 @@ pub fn allow_uids(cfg: &AgentConfig) -> Vec<transport::unix::Uid> {
     }
 }
 
+pub mod xenstore;
+
 #[cfg(test)]
 mod tests;
