@@ -82,6 +82,10 @@ pub const ALL: &[&str] = &[
     "vdi_destroy.base_collected",
     "meta.temp_written",
     "meta.renamed",
+    "gc.merge_journaled",
+    "gc.merge_copied",
+    "gc.children_relinked",
+    "gc.merged_node_removed",
 ];
 
 /// Environment variable naming the failpoint that crashes the process.
