@@ -191,6 +191,7 @@ mod tests {
             VDI_CLONE,
             VDI_DESTROY,
             METADATA_WRITE,
+            crate::differencing::gc::GC_MERGE,
         ]
         .concat();
         assert_eq!(per_op.len(), ALL.len());
