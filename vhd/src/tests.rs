@@ -691,3 +691,88 @@ proptest! {
         prop_assert_eq!(read_all(&mem_chain(&reopened)), model);
     }
 }
+
+// ---- coalesce ----
+
+#[test]
+fn coalescing_the_middle_layer_keeps_the_leaf_view_and_is_idempotent() {
+    let d = tmp();
+    let base = d.path().join("base.vhd");
+    create_dynamic(&base, 1 << 20, &opts_bs()).unwrap();
+    let mid = d.path().join("mid.vhd");
+    let top = d.path().join("top.vhd");
+    {
+        let c = open(&base, d.path()).unwrap();
+        c.write_at(&pattern(1, 300_000), 0).unwrap();
+    }
+    create_differencing(&mid, &base, &opts_bs()).unwrap();
+    {
+        let c = open(&mid, d.path()).unwrap();
+        c.write_at(&pattern(2, 5000), 1000).unwrap();
+        c.write_at(&pattern(3, 200_000), 500_000).unwrap();
+    }
+    create_differencing(&top, &mid, &opts_bs()).unwrap();
+    {
+        let c = open(&top, d.path()).unwrap();
+        c.write_at(&pattern(4, 70_000), 520_000).unwrap();
+    }
+    let before = read_all(&open(&top, d.path()).unwrap());
+    let mid_view = read_all(&open(&mid, d.path()).unwrap());
+    let mut calls = 0;
+    let r = coalesce(&mid, &base, &mut |done, total| {
+        calls += 1;
+        assert!(done <= total);
+    })
+    .unwrap();
+    assert_eq!(
+        r.bytes,
+        11 * 512 + 392 * 512,
+        "only the sectors the child holds"
+    );
+    assert_eq!(calls, r.blocks);
+    // The base now holds what the middle layer showed.
+    assert_eq!(read_all(&open(&base, d.path()).unwrap()), mid_view);
+    set_parent(&top, &base).unwrap();
+    let c = open(&top, d.path()).unwrap();
+    assert_eq!(c.depth(), 2);
+    assert_eq!(read_all(&c), before);
+    drop(c);
+    // Again (as after a crash mid-way): same result.
+    let base_bytes = std::fs::read(&base).unwrap();
+    let _ = coalesce(&mid, &base, &mut |_, _| {}).unwrap();
+    assert_eq!(std::fs::read(&base).unwrap(), base_bytes);
+    assert!(check::check_with_root(&base, d.path()).unwrap().is_ok());
+}
+
+#[test]
+fn interrupted_coalesce_resumes_by_running_again() {
+    let base = mem_dynamic(512 * 1024);
+    mem_chain(std::slice::from_ref(&base))
+        .write_at(&pattern(5, 100_000), 0)
+        .unwrap();
+    let child = mem_child(&base, "b");
+    mem_chain(&[child.clone(), base.clone()])
+        .write_at(&pattern(6, 300_000), 30_000)
+        .unwrap();
+    let want = read_all(&mem_chain(&[child.clone(), base.clone()]));
+    for limit in [0, 1, 3, 7, 12] {
+        let io = Arc::new(CrashIo {
+            inner: MemFile::from_bytes(base.to_bytes()),
+            writes: AtomicUsize::new(0),
+            limit,
+        });
+        let c = Disk::from_io(child.clone(), "child", false).unwrap();
+        let p = Disk::from_io(io.clone(), "parent", true).unwrap();
+        assert!(
+            coalesce_disks(&c, &p, &mut |_, _| {}).is_err(),
+            "limit {limit} should interrupt"
+        );
+        let after = Arc::new(MemFile::from_bytes(io.inner.to_bytes()));
+        let p = Disk::from_io(after.clone(), "parent", true)
+            .unwrap_or_else(|e| panic!("limit {limit}: {e}"));
+        coalesce_disks(&c, &p, &mut |_, _| {}).unwrap();
+        drop(p);
+        let flat = mem_chain(&[after]);
+        assert_eq!(read_all(&flat), want, "limit {limit}");
+    }
+}
