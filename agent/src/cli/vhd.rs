@@ -129,13 +129,8 @@ enum VhdCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Copy CHILD's own sectors into its parent (like `vhd-util coalesce`). CHILD is left as
-    /// is: afterwards re-point its children at the parent and delete it. Safe to re-run after
-    /// an interruption. Only for a parent with no other children.
-    Coalesce {
-        /// The differencing disk to merge into its parent.
-        child: PathBuf,
-    },
+    /// Merge a differencing disk into its parent (journaled, resumable), like vhd-util coalesce.
+    Coalesce(super::vhd_coalesce::CoalesceArgs),
     /// Set or clear blktap's hidden flag (footer byte 85, both copies).
     SetHidden {
         /// The VHD.
@@ -402,34 +397,7 @@ pub fn run(args: VhdArgs) -> Result<()> {
             count,
             json,
         } => bench(&open(file, *write)?, *write, *pattern, *size, *count, *json)?,
-        VhdCommand::Coalesce { child } => {
-            let c = open(child, false)?;
-            let Some(parent) = c.paths().get(1).cloned() else {
-                bail!(
-                    "{}: not a differencing disk; nothing to coalesce",
-                    child.display()
-                );
-            };
-            drop(c);
-            let pb = ProgressBar::new(0);
-            pb.set_style(
-                ProgressStyle::with_template("coalesce [{bar:40}] {pos}/{len} blocks")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            );
-            let r = vhd::coalesce(child, &parent, &mut |done, total| {
-                pb.set_length(total);
-                pb.set_position(done);
-            })
-            .with_context(|| format!("coalescing {} into {}", child.display(), parent.display()))?;
-            pb.finish_and_clear();
-            println!(
-                "coalesced {} blocks ({} bytes) of {} into {}",
-                r.blocks,
-                r.bytes,
-                child.display(),
-                parent.display()
-            );
-        }
+        VhdCommand::Coalesce(a) => super::vhd_coalesce::run(a, root_for(&args.root, a.child()))?,
         VhdCommand::SetHidden { file, state } => {
             vhd::set_hidden(file, *state == OnOff::On)
                 .with_context(|| format!("setting the hidden flag of {}", file.display()))?;
