@@ -22,7 +22,7 @@
 #include <string.h>
 #include <time.h>
 
-static uint64_t fnv = 1469598103934665603ULL;
+static uint64_t fnv = 14695981039346656037ULL;
 static void fnv_update(const unsigned char *p, size_t n) {
     for (size_t i = 0; i < n; i++) { fnv ^= p[i]; fnv *= 1099511628211ULL; }
 }

@@ -3,7 +3,9 @@
 
 pub mod call;
 pub mod nbd;
+pub mod serve;
 pub mod sr;
 pub mod vdi;
 pub mod vhd;
+pub mod vhd_coalesce;
 pub mod xs;

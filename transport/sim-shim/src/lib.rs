@@ -379,20 +379,14 @@ unsafe fn share(
         set_errno(libc::EINVAL);
         return std::ptr::null_mut();
     }
-    let mut got = Vec::with_capacity(count);
-    for _ in 0..count {
-        match sim.alloc_grant() {
-            Ok(r) => got.push(r),
-            Err(e) => {
-                debug(&format!("share: {e}"));
-                for r in got {
-                    let _ = std::fs::remove_file(sim.grant_path(r));
-                }
-                set_errno(libc::ENOSPC);
-                return std::ptr::null_mut();
-            }
+    let got = match sim.alloc_grants(count) {
+        Ok(g) => g,
+        Err(e) => {
+            debug(&format!("share: {e}"));
+            set_errno(libc::ENOSPC);
+            return std::ptr::null_mut();
         }
-    }
+    };
     match sim.map_files(&got, true, notify, true) {
         Ok(m) => {
             for (i, r) in got.iter().enumerate() {

@@ -76,7 +76,32 @@ impl SimXen {
 
     /// Allocate one grant file (lowest free number from 8), sized one page.
     pub fn alloc_grant(&self) -> Result<GrantRef> {
-        for n in FIRST_REF..FIRST_REF + MAX_SCAN {
+        self.alloc_grant_from(FIRST_REF)
+    }
+
+    /// Allocate `count` grant files, each the lowest free number (one forward scan).
+    pub fn alloc_grants(&self, count: usize) -> Result<Vec<GrantRef>> {
+        let mut refs = Vec::with_capacity(count);
+        let mut from = FIRST_REF;
+        for _ in 0..count {
+            match self.alloc_grant_from(from) {
+                Ok(r) => {
+                    from = r.0 + 1;
+                    refs.push(r);
+                }
+                Err(e) => {
+                    for r in refs {
+                        let _ = std::fs::remove_file(self.grant_path(r));
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(refs)
+    }
+
+    fn alloc_grant_from(&self, first: u32) -> Result<GrantRef> {
+        for n in first..FIRST_REF + MAX_SCAN {
             let p = self.grant_path(GrantRef(n));
             match OpenOptions::new()
                 .read(true)
@@ -349,18 +374,7 @@ impl Backend for SimXen {
         count: usize,
         notify: Option<UnmapNotify>,
     ) -> Result<(Vec<GrantRef>, Mapping)> {
-        let mut refs = Vec::with_capacity(count);
-        for _ in 0..count {
-            match self.alloc_grant() {
-                Ok(r) => refs.push(r),
-                Err(e) => {
-                    for r in refs {
-                        let _ = std::fs::remove_file(self.grant_path(r));
-                    }
-                    return Err(e);
-                }
-            }
-        }
+        let refs = self.alloc_grants(count)?;
         match self.map_files(&refs, true, notify, true) {
             Ok(m) => Ok((refs, m)),
             Err(e) => {
