@@ -9,7 +9,7 @@
 # It never skips: no qemu-system, no packages, no boot => non-zero with the reason.
 #
 # Environment:
-#   XENVM_TIMEOUT   seconds for the whole qemu run (default 600)
+#   XENVM_TIMEOUT   seconds for the whole qemu run (default 900)
 #   XENVM_ONLY      run only the in-VM tests whose file name matches this extended regex
 #   XENVM_NO_BUILD  =1: use the existing release binaries (target/release/ddstor)
 #   XENVM_WIP       =1: also run tests/wip/*.sh (not yet reliable; not run in CI)
@@ -217,7 +217,7 @@ boot() {
   [ "${XENVM_SHELL:-}" = 1 ] && stdin=/dev/stdin
   local tb=$SECONDS
   QEMU_MODULE_DIR=$XROOT/usr/lib/x86_64-linux-gnu/qemu \
-    timeout --foreground "${XENVM_TIMEOUT:-600}" "$QEMU" -L "$XROOT/usr/share/qemu" -L "$XROOT/usr/share/seabios" \
+    timeout --foreground "${XENVM_TIMEOUT:-900}" "$QEMU" -L "$XROOT/usr/share/qemu" -L "$XROOT/usr/share/seabios" \
     -accel tcg -cpu max -m 3072 -smp "${XENVM_SMP:-1}" -nographic -no-reboot -vga none -nic none \
     -kernel "$WORK/xen" \
     -append "console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M loglvl=warning guest_loglvl=warning smap=0 ${XENVM_XEN_ARGS:-}" \
