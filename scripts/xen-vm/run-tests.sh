@@ -212,7 +212,7 @@ assemble() {
 # 4. Boot and collect.
 # ---------------------------------------------------------------------------------------------
 boot() {
-  say "booting Xen 4.17 + dom0 ($KVER) under qemu TCG (timeout ${XENVM_TIMEOUT:-600} s)"
+  say "booting Xen 4.17 + dom0 ($KVER) under qemu TCG (timeout ${XENVM_TIMEOUT:-900} s)"
   local stdin=/dev/null
   [ "${XENVM_SHELL:-}" = 1 ] && stdin=/dev/stdin
   local tb=$SECONDS
