@@ -7,6 +7,7 @@ use super::sim::SimXen;
 use super::{Backend, DomId, EventChannel, Rendezvous};
 use crate::error::{Error, Result};
 use futures::task::AtomicWaker;
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
@@ -14,6 +15,7 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::task::JoinHandle;
@@ -70,6 +72,8 @@ pub struct VchanStream {
     wakers: Arc<Wakers>,
     pump: JoinHandle<()>,
     failed: Option<String>,
+    stall_timeout: Option<Duration>,
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl std::fmt::Debug for VchanStream {
@@ -129,7 +133,16 @@ impl VchanStream {
             wakers,
             pump,
             failed: None,
+            stall_timeout: None,
+            stall: None,
         })
+    }
+
+    /// Drop the connection when the peer leaves our outgoing ring full for this long (a peer
+    /// that never reads). `None` (the default) waits for ever.
+    pub fn set_stall_timeout(&mut self, timeout: Option<Duration>) {
+        self.stall_timeout = timeout;
+        self.stall = None;
     }
 
     /// Events received so far (diagnostics).
@@ -253,8 +266,24 @@ impl AsyncWrite for VchanStream {
             Err(e) => return Poll::Ready(Err(this.fail(e))),
         }
         match this.ring.send(buf) {
-            Ok((0, _)) if !buf.is_empty() => Poll::Pending,
-            Ok((n, kick)) => Poll::Ready(this.kick(kick).map(|()| n)),
+            Ok((0, _)) if !buf.is_empty() => {
+                if let Some(t) = this.stall_timeout {
+                    let sleep = this
+                        .stall
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(t)));
+                    if sleep.as_mut().poll(cx).is_ready() {
+                        let e = Error::HostilePeer(format!(
+                            "peer left the ring full for {t:?} without reading"
+                        ));
+                        return Poll::Ready(Err(this.fail(e)));
+                    }
+                }
+                Poll::Pending
+            }
+            Ok((n, kick)) => {
+                this.stall = None;
+                Poll::Ready(this.kick(kick).map(|()| n))
+            }
             Err(e) => Poll::Ready(Err(this.fail(e))),
         }
     }
@@ -286,6 +315,7 @@ pub struct VchanServer {
     client: DomId,
     port: String,
     orders: (u8, u8),
+    stall_timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for VchanServer {
@@ -319,7 +349,15 @@ impl VchanServer {
             client,
             port: port.into(),
             orders: choose_orders(read_min, write_min)?,
+            stall_timeout: None,
         })
+    }
+
+    /// Streams accepted from now on drop a client that leaves the ring full this long
+    /// (see [`VchanStream::set_stall_timeout`]).
+    pub fn with_stall_timeout(mut self, timeout: Duration) -> VchanServer {
+        self.stall_timeout = Some(timeout);
+        self
     }
 
     /// Use exactly these (left, right) orders (10–20; equal orders must be ≥ 12).
@@ -340,6 +378,7 @@ impl VchanServer {
             self.orders.1,
         )?;
         let mut stream = VchanStream::new(ring, event.clone())?;
+        stream.set_stall_timeout(self.stall_timeout);
         self.rendezvous
             .publish(
                 self.server,
