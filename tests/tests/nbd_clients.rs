@@ -35,7 +35,7 @@ fn qemu_io_patterns_written_over_nbd_read_back_and_reach_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("d.raw");
     std::fs::write(&img, vec![0u8; SIZE]).unwrap();
-    let srv = NbdServe::start(&img, &[]);
+    let srv = NbdServe::start(&img, &["--format=raw"]);
     qemu_io(
         &srv.uri(),
         &[
@@ -71,7 +71,7 @@ fn qemu_img_info_convert_and_compare_see_the_served_disk() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("d.raw");
     random_file(&img, SIZE, 1);
-    let srv = NbdServe::start(&img, &["--read-only"]);
+    let srv = NbdServe::start(&img, &["--format=raw", "--read-only"]);
     let qimg = require_tool("qemu-img", "qemu-utils");
     let info = run_ok(
         Command::new(&qimg)
@@ -104,7 +104,7 @@ fn nbdcopy_copies_both_directions_with_equal_checksums() {
     random_file(&src, SIZE, 2);
     let target = dir.path().join("target.raw");
     std::fs::write(&target, vec![0u8; SIZE]).unwrap();
-    let srv = NbdServe::start(&target, &[]);
+    let srv = NbdServe::start(&target, &["--format=raw"]);
     // Into the export, with several connections and requests in flight.
     run_ok(
         Command::new(&nbdcopy)
@@ -125,7 +125,7 @@ fn nbdinfo_reports_size_flags_and_the_allocation_context() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("d.raw");
     std::fs::write(&img, vec![0u8; SIZE]).unwrap();
-    let srv = NbdServe::start(&img, &["--read-only"]);
+    let srv = NbdServe::start(&img, &["--format=raw", "--read-only"]);
     let nbdinfo = require_tool("nbdinfo", "libnbd-bin");
     let out = run_ok(Command::new(&nbdinfo).arg("--json").arg(srv.uri()));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -148,7 +148,7 @@ fn read_only_export_refuses_writes_with_eperm() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("d.raw");
     std::fs::write(&img, vec![7u8; 1 << 20]).unwrap();
-    let srv = NbdServe::start(&img, &["--read-only"]);
+    let srv = NbdServe::start(&img, &["--format=raw", "--read-only"]);
     // qemu refuses to open the read-only export for writing…
     let text = run_fail(
         Command::new(require_tool("qemu-io", "qemu-utils"))
@@ -176,7 +176,7 @@ fn several_clients_write_disjoint_regions_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("d.raw");
     std::fs::write(&img, vec![0u8; SIZE]).unwrap();
-    let srv = NbdServe::start(&img, &[]);
+    let srv = NbdServe::start(&img, &["--format=raw"]);
     let uri = srv.uri();
     let handles: Vec<_> = (0..6u8)
         .map(|i| {

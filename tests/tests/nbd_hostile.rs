@@ -20,7 +20,7 @@ fn server() -> (tempfile::TempDir, NbdServe) {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("d.raw");
     std::fs::write(&img, vec![0x5au8; SIZE as usize]).unwrap();
-    let srv = NbdServe::start(&img, &[]);
+    let srv = NbdServe::start(&img, &["--format=raw"]);
     (dir, srv)
 }
 

@@ -1,6 +1,8 @@
 //! `ddstor nbd …`: serve a disk image over NBD from the command line, like `qemu-nbd`.
 
-use crate::datapath::{BlockBackend, ExportOptions, Exports, NbdServer, RawFileBackend};
+use crate::datapath::{
+    BlockBackend, ChainBackend, ExportOptions, Exports, NbdServer, RawFileBackend,
+};
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
@@ -16,13 +18,15 @@ pub struct NbdArgs {
 #[derive(Debug, Subcommand)]
 enum NbdCommand {
     /// Serve one disk image (a VHD chain, or a raw file) over NBD on a unix socket until
-    /// interrupted (SIGINT/SIGTERM flush and exit).
+    /// interrupted (SIGINT/SIGTERM flush and exit). Clients: `nbd+unix:///?socket=PATH`.
     Serve(ServeArgs),
 }
 
 /// Image formats `ddstor nbd serve` understands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
+    /// A VHD (dynamic, fixed or differencing: the whole chain is served, written into the leaf).
+    Vhd,
     /// A raw image file, served byte for byte.
     Raw,
 }
@@ -45,8 +49,11 @@ pub struct ServeArgs {
     #[arg(long, default_value = "")]
     name: String,
     /// Image format.
-    #[arg(long, value_enum, default_value = "raw")]
+    #[arg(long, value_enum, default_value = "vhd")]
     format: Format,
+    /// Directory every member of a VHD chain must lie in (default: the file's directory).
+    #[arg(long)]
+    root: Option<PathBuf>,
 }
 
 /// Runs `ddstor nbd`.
@@ -58,6 +65,27 @@ pub fn run(args: NbdArgs) -> anyhow::Result<()> {
 
 fn open_backend(a: &ServeArgs) -> anyhow::Result<Arc<dyn BlockBackend>> {
     match a.format {
+        Format::Vhd => {
+            let root = match &a.root {
+                Some(r) => r.clone(),
+                None => a
+                    .file
+                    .canonicalize()
+                    .with_context(|| format!("resolving {}", a.file.display()))?
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| PathBuf::from("/")),
+            };
+            Ok(Arc::new(
+                ChainBackend::open(&a.file, &root, !a.read_only).with_context(|| {
+                    format!(
+                        "opening VHD chain {} (parents confined to {}; use --root to widen, --format raw for raw images)",
+                        a.file.display(),
+                        root.display()
+                    )
+                })?,
+            ))
+        }
         Format::Raw => Ok(Arc::new(
             RawFileBackend::open(&a.file, a.read_only)
                 .with_context(|| format!("opening raw image {}", a.file.display()))?,

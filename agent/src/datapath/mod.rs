@@ -1,17 +1,20 @@
 //! The datapath: attached VDIs served over NBD.
 //!
-//! - [`backend`]: the [`BlockBackend`] trait an export serves (in-memory, raw file, VHD chain).
+//! - [`backend`]: the [`BlockBackend`] trait an export serves (in-memory, raw file);
+//!   [`chain`]: its implementation for a VHD chain.
 //! - [`export`]: exports with a pause gate, and the run-time registry [`Exports`].
 //! - [`server`]: the NBD server on tokio (fixed newstyle; structured replies; extended headers;
 //!   `base:allocation`; many requests in flight per connection, many connections per export).
 //! - [`proto`]: the NBD wire format.
 
 pub mod backend;
+pub mod chain;
 pub mod export;
 pub mod proto;
 pub mod server;
 
 pub use backend::{BlockBackend, Extent, ExtentState, MemBackend, RawFileBackend};
+pub use chain::ChainBackend;
 pub use export::{Export, ExportOptions, Exports};
 pub use server::{serve_connection, NbdServer};
 
