@@ -1,5 +1,5 @@
 //! [`VchanStream`]: a vchan ring as a tokio byte stream, woken by the event channel's file
-//! descriptor (a small pump task drains events and wakes the reader and the writer; nothing
+//! descriptor (readiness wakes both the reader and the writer, which drain the events; nothing
 //! polls while idle). [`VchanServer`] and [`VchanClient`] set rings up through a [`Rendezvous`].
 
 use super::ring::{choose_orders, Live, Ring};
@@ -14,11 +14,10 @@ use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::task::JoinHandle;
 
 /// Which backend to use, chosen at run time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,10 +69,18 @@ pub struct VchanStream {
     ring: Ring,
     event: Arc<dyn EventChannel>,
     wakers: Arc<Wakers>,
-    pump: JoinHandle<()>,
+    afd: AsyncFd<EvFd>,
+    both: Waker,
     failed: Option<String>,
     stall_timeout: Option<Duration>,
     stall: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl futures::task::ArcWake for Wakers {
+    fn wake_by_ref(arc_self: &Arc<Self>) {
+        arc_self.read.wake();
+        arc_self.write.wake();
+    }
 }
 
 impl std::fmt::Debug for VchanStream {
@@ -101,37 +108,13 @@ impl VchanStream {
             AsyncFd::register_with_interest(EvFd(event.clone()), tokio::io::Interest::READABLE)
         }
         .map_err(|e| Error::io("registering the event channel with tokio", e.into()))?;
-        let (ev, w) = (event.clone(), wakers.clone());
-        let pump = tokio::spawn(async move {
-            loop {
-                let mut guard = match afd.readable().await {
-                    Ok(g) => g,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "event channel poll failed");
-                        break;
-                    }
-                };
-                match ev.drain() {
-                    Ok(n) => {
-                        w.events.fetch_add(n, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "event channel read failed");
-                        break;
-                    }
-                }
-                guard.clear_ready();
-                w.read.wake();
-                w.write.wake();
-            }
-            w.read.wake();
-            w.write.wake();
-        });
+        let both = futures::task::waker(wakers.clone());
         Ok(VchanStream {
             ring,
             event,
             wakers,
-            pump,
+            afd,
+            both,
             failed: None,
             stall_timeout: None,
             stall: None,
@@ -143,6 +126,24 @@ impl VchanStream {
     pub fn set_stall_timeout(&mut self, timeout: Option<Duration>) {
         self.stall_timeout = timeout;
         self.stall = None;
+    }
+
+    /// Consume pending events and arm the descriptor so the next event wakes both the reader
+    /// and the writer (whichever registered). Call after registering a waker, before looking
+    /// at the ring.
+    fn poll_events(&mut self) -> Result<()> {
+        let mut cx = Context::from_waker(&self.both);
+        loop {
+            match self.afd.poll_read_ready(&mut cx) {
+                Poll::Ready(Ok(mut guard)) => {
+                    let n = self.event.drain()?;
+                    self.wakers.events.fetch_add(n, Ordering::Relaxed);
+                    guard.clear_ready();
+                }
+                Poll::Ready(Err(e)) => return Err(Error::io("polling the event channel", e)),
+                Poll::Pending => return Ok(()),
+            }
+        }
     }
 
     /// Events received so far (diagnostics).
@@ -188,6 +189,9 @@ impl VchanStream {
     pub async fn wait_connected(&mut self) -> Result<()> {
         std::future::poll_fn(|cx| {
             self.wakers.read.register(cx.waker());
+            if let Err(e) = self.poll_events() {
+                return Poll::Ready(Err(e));
+            }
             match self.ring.peer_live() {
                 Ok(Live::Connected) => Poll::Ready(Ok(())),
                 Ok(Live::Waiting) => Poll::Pending,
@@ -215,6 +219,9 @@ impl AsyncRead for VchanStream {
             return Poll::Ready(Ok(()));
         }
         this.wakers.read.register(cx.waker());
+        if let Err(e) = this.poll_events() {
+            return Poll::Ready(Err(this.fail(e)));
+        }
         for attempt in 0..2 {
             match this.ring.recv(buf.initialize_unfilled()) {
                 Ok((0, _)) => {}
@@ -255,6 +262,9 @@ impl AsyncWrite for VchanStream {
             )));
         }
         this.wakers.write.register(cx.waker());
+        if let Err(e) = this.poll_events() {
+            return Poll::Ready(Err(this.fail(e)));
+        }
         match this.ring.peer_live() {
             Ok(Live::Gone) => {
                 return Poll::Ready(Err(io::Error::new(
@@ -301,7 +311,6 @@ impl AsyncWrite for VchanStream {
 
 impl Drop for VchanStream {
     fn drop(&mut self) {
-        self.pump.abort();
         self.close_ring();
     }
 }
