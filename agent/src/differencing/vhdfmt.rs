@@ -15,26 +15,22 @@ fn vhd_err(what: &str, path: &Path, e: vhd::Error) -> interface::StorageError {
     backend(codes::VHD_ERROR, format!("{what} {}: {e}", path.display()))
 }
 
-fn fsync(path: &Path) -> Result<()> {
-    std::fs::File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| crate::core::error::io("fsync", path, e))
-}
-
 impl Format for VhdFormat {
     fn create_base(&self, path: &Path, virtual_size: u64) -> Result<()> {
         let opts = vhd::CreateOptions {
             block_size: BLOCK_SIZE as u32,
             ..Default::default()
         };
-        vhd::create_dynamic(path, virtual_size, &opts).map_err(|e| vhd_err("creating", path, e))?;
-        fsync(path)
+        // vhd::create_* fsync the new file before returning.
+        vhd::create_dynamic(path, virtual_size, &opts)
+            .map(|_| ())
+            .map_err(|e| vhd_err("creating", path, e))
     }
 
     fn create_child(&self, child: &Path, parent: &Path) -> Result<()> {
         vhd::create_differencing(child, parent, &vhd::CreateOptions::default())
-            .map_err(|e| vhd_err("creating differencing disk", child, e))?;
-        fsync(child)
+            .map(|_| ())
+            .map_err(|e| vhd_err("creating differencing disk", child, e))
     }
 
     fn set_hidden(&self, path: &Path, hidden: bool) -> Result<()> {
