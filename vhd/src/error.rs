@@ -108,6 +108,9 @@ pub enum Error {
     /// Layers of one chain disagree (block size, sizes).
     #[error("{0}")]
     ChainMismatch(String),
+    /// A long operation (a coalesce) stopped on request; its journal lets it resume.
+    #[error("cancelled: {0}")]
+    Cancelled(String),
 }
 
 /// The crate's result type.

@@ -6,9 +6,11 @@
 //! - [`Disk`]: one VHD file; [`Chain`]: a leaf and its ancestors, read through a merged index.
 //! - [`create_dynamic`], [`create_differencing`], [`set_hidden`], [`set_parent`], [`info`],
 //!   [`check()`]: creation and maintenance.
+//! - [`coalesce()`]: merging a differencing disk into its parent, journaled and resumable.
 
 pub mod chain;
 pub mod check;
+pub mod coalesce;
 pub mod create;
 pub mod disk;
 pub mod error;
@@ -17,6 +19,7 @@ pub mod io;
 
 pub use chain::{resolve_parent, Chain, ChainOptions, Extent, ExtentState, DEFAULT_MAX_DEPTH};
 pub use check::{check, check_io, CheckReport, Problem};
+pub use coalesce::{coalesce, coalesce_disks, relink, CoalesceOptions, CoalesceReport};
 pub use create::{
     create_differencing, create_dynamic, create_dynamic_io, create_fixed, info, relative_path,
     set_hidden, set_hidden_io, set_parent, CreateOptions, Info, ParentRef,

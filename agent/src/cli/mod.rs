@@ -6,4 +6,5 @@ pub mod nbd;
 pub mod sr;
 pub mod vdi;
 pub mod vhd;
+pub mod vhd_coalesce;
 pub mod xs;

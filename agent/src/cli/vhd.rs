@@ -108,6 +108,8 @@ enum VhdCommand {
         #[arg(long, value_parser = parse_size)]
         block_size: Option<u64>,
     },
+    /// Merge a differencing disk into its parent (journaled, resumable), like vhd-util coalesce.
+    Coalesce(super::vhd_coalesce::CoalesceArgs),
     /// Set or clear blktap's hidden flag (footer byte 85, both copies).
     SetHidden {
         /// The VHD.
@@ -357,6 +359,7 @@ pub fn run(args: VhdArgs) -> Result<()> {
                 Format::Vhd => raw_to_vhd(src, dst, block_size_arg(*block_size)?)?,
             }
         }
+        VhdCommand::Coalesce(a) => super::vhd_coalesce::run(a, root_for(&args.root, a.child()))?,
         VhdCommand::SetHidden { file, state } => {
             vhd::set_hidden(file, *state == OnOff::On)
                 .with_context(|| format!("setting the hidden flag of {}", file.display()))?;
