@@ -16,8 +16,10 @@ SIZE=${1:-1G}
 for t in qemu-img qemu-io qemu-nbd nbdcopy; do
   command -v "$t" >/dev/null || { echo "datapath.sh: $t missing (apt-get install qemu-utils libnbd-bin)" >&2; exit 1; }
 done
-cargo build --release -q -p ddstor
-DDSTOR=$PWD/target/release/ddstor
+if [ -z "${DDSTOR:-}" ]; then # DDSTOR=path/to/ddstor skips the release build
+  cargo build --release -q -p ddstor
+  DDSTOR=$PWD/target/release/ddstor
+fi
 
 W=$(mktemp -d /tmp/ddstor-bench.XXXXXX)
 PIDS=()
@@ -55,7 +57,7 @@ bench_iops() { # uri depth count [extra...]
 echo "datapath.sh: preparing a $SIZE dynamic VHD filled with data (in $W)"
 "$DDSTOR" vhd create --size "$SIZE" "$W/full.vhd" >/dev/null
 qemu-io -f vpc -c "write -P 0x5a 0 $SIZE" "$W/full.vhd" >/dev/null
-BYTES=$(qemu-img info --output=json -f vpc "$W/full.vhd" | sed -n 's/.*"virtual-size": \([0-9]*\).*/\1/p')
+BYTES=$(qemu-img info --output=json -f vpc "$W/full.vhd" | sed -n 's/.*"virtual-size": \([0-9]*\).*/\1/p' | head -1)
 MIB=$((BYTES >> 20))
 STEP=$((4096 * 7919)) # a prime number of 4 KiB pages: a pseudo-random walk over the disk
 N1=$(( MIB >= 1024 ? 20000 : 4000 ))
