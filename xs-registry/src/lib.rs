@@ -5,6 +5,8 @@
 //! * [`store`]: the test server's tree, permissions and transactions.
 //! * [`server`]: the test xenstored on unix sockets (`ddstor xenstored`).
 
+pub mod client;
+pub mod registry;
 pub mod server;
 pub mod store;
 pub mod wire;
