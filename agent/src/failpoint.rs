@@ -70,6 +70,10 @@ pub const ALL: &[&str] = &[
     "vdi_destroy.base_collected",
     "meta.temp_written",
     "meta.renamed",
+    "gc.merge_journaled",
+    "gc.merge_copied",
+    "gc.children_relinked",
+    "gc.merged_node_removed",
 ];
 
 /// Environment variable naming the failpoint that crashes the process.
@@ -175,6 +179,7 @@ mod tests {
             VDI_CLONE,
             VDI_DESTROY,
             METADATA_WRITE,
+            crate::differencing::gc::GC_MERGE,
         ]
         .concat();
         assert_eq!(per_op.len(), ALL.len());
