@@ -37,8 +37,9 @@ path = "/run/ddstor/agent.sock"
 allow_uids = []
 
 [vchan]
-# vchan port (the rendezvous key .../data/vchan/<client>/<port>/). Flag: --vchan-port.
-port = 7000
+# vchan port name (the rendezvous key /local/domain/<domid>/data/vchan/<client>/<port>/).
+# Flag: --vchan-port.
+port = "ddstor"
 # Client domains served over vchan, one listener each (dom0 = 0). Flag: --vchan-client.
 clients = [0]
 
@@ -93,8 +94,8 @@ impl Default for UnixConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct VchanConfig {
-    /// The vchan port.
-    pub port: u32,
+    /// The vchan port name.
+    pub port: String,
     /// Client domains served.
     pub clients: Vec<u16>,
 }
@@ -102,7 +103,7 @@ pub struct VchanConfig {
 impl Default for VchanConfig {
     fn default() -> Self {
         VchanConfig {
-            port: 7000,
+            port: "ddstor".to_string(),
             clients: vec![0],
         }
     }
@@ -276,6 +277,19 @@ impl AgentConfig {
                 "vchan needs at least one client domain (vchan.clients, --vchan-client)".into(),
             ));
         }
+        if self.xen != XenBackend::None
+            && (self.vchan.port.is_empty()
+                || !self
+                    .vchan
+                    .port
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c)))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "vchan.port {:?} must be a non-empty name of letters, digits, '-' or '_'",
+                self.vchan.port
+            )));
+        }
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::Invalid("data_dir is empty".into()));
         }
@@ -302,8 +316,8 @@ mod tests {
     fn empty_file_gives_defaults_and_partial_tables_merge() {
         let c = AgentConfig::from_toml("", Path::new("x")).unwrap();
         assert_eq!(c, AgentConfig::default());
-        let c = AgentConfig::from_toml("[vchan]\nport = 9\n", Path::new("x")).unwrap();
-        assert_eq!(c.vchan.port, 9);
+        let c = AgentConfig::from_toml("[vchan]\nport = \"p9\"\n", Path::new("x")).unwrap();
+        assert_eq!(c.vchan.port, "p9");
         assert_eq!(c.vchan.clients, vec![0]);
     }
 

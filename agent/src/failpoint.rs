@@ -27,22 +27,16 @@ pub const VDI_CREATE: &[&str] = &[
 pub const VDI_SNAPSHOT: &[&str] = &[
     "vdi_snapshot.journal_written",
     "vdi_snapshot.leaf_renamed",
-    "vdi_snapshot.base_hidden",
-    "vdi_snapshot.new_leaf_created",
-    "vdi_snapshot.child_created",
-    "vdi_snapshot.child_record_written",
-    "vdi_snapshot.record_updated",
+    "vdi_snapshot.children_created",
+    "vdi_snapshot.base_hidden_records_written",
 ];
 
 /// Failpoints of `VDI.clone`, in execution order.
 pub const VDI_CLONE: &[&str] = &[
     "vdi_clone.journal_written",
     "vdi_clone.leaf_renamed",
-    "vdi_clone.base_hidden",
-    "vdi_clone.new_leaf_created",
-    "vdi_clone.child_created",
-    "vdi_clone.child_record_written",
-    "vdi_clone.record_updated",
+    "vdi_clone.children_created",
+    "vdi_clone.base_hidden_records_written",
 ];
 
 /// Failpoints of `VDI.destroy`, in execution order.
@@ -64,24 +58,22 @@ pub const ALL: &[&str] = &[
     "vdi_create.record_written",
     "vdi_snapshot.journal_written",
     "vdi_snapshot.leaf_renamed",
-    "vdi_snapshot.base_hidden",
-    "vdi_snapshot.new_leaf_created",
-    "vdi_snapshot.child_created",
-    "vdi_snapshot.child_record_written",
-    "vdi_snapshot.record_updated",
+    "vdi_snapshot.children_created",
+    "vdi_snapshot.base_hidden_records_written",
     "vdi_clone.journal_written",
     "vdi_clone.leaf_renamed",
-    "vdi_clone.base_hidden",
-    "vdi_clone.new_leaf_created",
-    "vdi_clone.child_created",
-    "vdi_clone.child_record_written",
-    "vdi_clone.record_updated",
+    "vdi_clone.children_created",
+    "vdi_clone.base_hidden_records_written",
     "vdi_destroy.journal_written",
     "vdi_destroy.record_removed",
     "vdi_destroy.vhd_removed",
     "vdi_destroy.base_collected",
     "meta.temp_written",
     "meta.renamed",
+    "gc.merge_journaled",
+    "gc.merge_copied",
+    "gc.children_relinked",
+    "gc.merged_node_removed",
 ];
 
 /// Environment variable naming the failpoint that crashes the process.
@@ -187,6 +179,7 @@ mod tests {
             VDI_CLONE,
             VDI_DESTROY,
             METADATA_WRITE,
+            crate::differencing::gc::GC_MERGE,
         ]
         .concat();
         assert_eq!(per_op.len(), ALL.len());

@@ -25,6 +25,8 @@ enum Command {
     Xenstored(cli::xs::XenstoredArgs),
     /// Serve a disk image over NBD on a unix socket (like qemu-nbd).
     Nbd(cli::nbd::NbdArgs),
+    /// Run the storage agent: serve xapi's storage interface until SIGTERM.
+    Serve(cli::serve::ServeArgs),
     /// Send one xapi storage call to an agent: `ddstor call METHOD 'JSON-ARGS'`.
     Call(cli::call::CallArgs),
     /// SR verbs: create, attach, detach, scan, stat, list, destroy…
@@ -45,6 +47,7 @@ fn main() -> ExitCode {
         Command::Xs(a) => cli::xs::run(a),
         Command::Xenstored(a) => cli::xs::run_xenstored(a),
         Command::Nbd(a) => cli::nbd::run(a),
+        Command::Serve(a) => cli::serve::run(a),
         Command::Call(a) => cli::call::run(a),
         Command::Sr(a) => cli::sr::run(a),
         Command::Vdi(a) => cli::vdi::run(a),

@@ -4,6 +4,7 @@
 //! Tests never skip silently when a peer is missing: [`require_tool`] panics with the package
 //! to install (the project's `scripts/test.sh` installs every one of them).
 
+pub mod agent;
 pub mod nbd;
 
 use std::path::PathBuf;

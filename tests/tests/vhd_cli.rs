@@ -13,14 +13,18 @@ fn ddstor(args: &[&str]) -> Output {
         .expect("spawn ddstor")
 }
 
-fn ok(args: &[&str]) -> String {
+fn ok_bytes(args: &[&str]) -> Vec<u8> {
     let out = ddstor(args);
     assert!(
         out.status.success(),
         "ddstor {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8(out.stdout).unwrap()
+    out.stdout
+}
+
+fn ok(args: &[&str]) -> String {
+    String::from_utf8_lossy(&ok_bytes(args)).into_owned()
 }
 
 /// Runs a command that must fail; returns its one-line reason.
@@ -268,4 +272,44 @@ fn convert_chain_to_raw_and_raw_back_round_trips() {
     assert!(std::fs::read(&raw2).unwrap() == bytes);
     let e = fails(&["vhd", "convert", s(&base), s(&raw)]);
     assert!(e.contains("must not exist"), "{e}");
+}
+
+#[test]
+fn coalesce_merges_a_child_into_its_parent_and_bench_runs() {
+    let d = tempfile::tempdir().unwrap();
+    let base = disk_with_data(d.path(), "base.vhd");
+    let child = d.path().join("child.vhd");
+    ok(&["vhd", "snapshot", s(&base), s(&child)]);
+    let input = d.path().join("in");
+    std::fs::write(&input, vec![0xC3; 8192]).unwrap();
+    ok(&[
+        "vhd",
+        "write",
+        s(&child),
+        "--offset",
+        "65536",
+        "--input",
+        s(&input),
+    ]);
+    let want = ok_bytes(&["vhd", "read", s(&child), "--offset", "0", "--length", "1M"]);
+    let out = ok(&["vhd", "coalesce", s(&child)]);
+    assert!(out.contains("8192 bytes"), "{out}"); // only the child's sectors are copied
+    assert!(ok_bytes(&["vhd", "read", s(&base), "--offset", "0", "--length", "1M"]) == want);
+    let e = fails(&["vhd", "coalesce", s(&base)]);
+    assert!(e.contains("has no parent"), "{e}");
+    let j: serde_json::Value =
+        serde_json::from_str(&ok(&["vhd", "bench", s(&base), "--size", "64K", "--json"])).unwrap();
+    assert_eq!(j["ops"], 128);
+    ok(&[
+        "vhd",
+        "bench",
+        s(&child),
+        "--write",
+        "--pattern",
+        "rand",
+        "--size",
+        "4K",
+        "--count",
+        "50",
+    ]);
 }

@@ -28,6 +28,8 @@ pub use disk::{Bitmap, Disk, Region};
 pub use error::{Error, Result};
 pub use format::DiskType;
 pub use io::{BlockIo, MemFile};
+/// The uuid type used in footers and headers.
+pub use uuid::Uuid;
 
 #[cfg(test)]
 mod tests;

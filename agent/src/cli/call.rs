@@ -57,6 +57,50 @@ pub struct CallArgs {
     /// List the methods the agent serves and exit.
     #[arg(long)]
     list: bool,
+    /// Benchmark: send the call N times and print throughput and latency (JSON) instead of
+    /// the result.
+    #[arg(long, value_name = "N")]
+    repeat: Option<u64>,
+    /// With --repeat: calls in flight at once on the one connection.
+    #[arg(long, value_name = "C", default_value_t = 1, requires = "repeat")]
+    concurrency: u64,
+}
+
+/// Sends `call` `n` times with `conc` calls in flight; returns the latency stats as JSON.
+async fn bench(
+    client: &AgentClient,
+    call: &Call,
+    n: u64,
+    conc: u64,
+) -> Result<serde_json::Value, ClientError> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let next = AtomicU64::new(0);
+    let t0 = std::time::Instant::now();
+    let workers = (0..conc.max(1)).map(|_| async {
+        let mut lat = Vec::new();
+        while next.fetch_add(1, Ordering::Relaxed) < n {
+            let t = std::time::Instant::now();
+            client.call(call.clone()).await?;
+            lat.push(t.elapsed().as_nanos() as u64);
+        }
+        Ok::<_, ClientError>(lat)
+    });
+    let mut lat: Vec<u64> = Vec::new();
+    for r in futures::future::join_all(workers).await {
+        lat.extend(r?);
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize] as f64 / 1000.0;
+    Ok(serde_json::json!({
+        "method": call.method(),
+        "calls": lat.len(),
+        "concurrency": conc,
+        "seconds": secs,
+        "calls_per_sec": lat.len() as f64 / secs,
+        "p50_us": pct(0.5),
+        "p99_us": pct(0.99),
+    }))
 }
 
 /// Prints a storage error as JSON on stderr and exits with [`EXIT_STORAGE_ERROR`].
@@ -129,6 +173,19 @@ pub fn run(a: CallArgs) -> anyhow::Result<()> {
     };
     let rt = runtime()?;
     let target = a.connect.describe();
+    if let Some(n) = a.repeat {
+        let result = rt.block_on(async {
+            let client = a.connect.connect().await?;
+            bench(&client, &call, n.max(1), a.concurrency).await
+        });
+        return match result {
+            Ok(v) => {
+                println!("{v}");
+                Ok(())
+            }
+            Err(e) => exit_client_error(&e, &target),
+        };
+    }
     let result = rt.block_on(async {
         let client = a.connect.connect().await?;
         client.call(call).await

@@ -3,6 +3,7 @@
 
 pub mod call;
 pub mod nbd;
+pub mod serve;
 pub mod sr;
 pub mod vdi;
 pub mod vhd;

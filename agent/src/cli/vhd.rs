@@ -108,6 +108,27 @@ enum VhdCommand {
         #[arg(long, value_parser = parse_size)]
         block_size: Option<u64>,
     },
+    /// Measure read or allocating-write throughput through the chain (like `qemu-img bench`):
+    /// COUNT requests of SIZE bytes, one at a time, then a flush for writes.
+    Bench {
+        /// The leaf of the chain.
+        file: PathBuf,
+        /// Write instead of read.
+        #[arg(long)]
+        write: bool,
+        /// Request pattern.
+        #[arg(long, value_enum, default_value = "seq")]
+        pattern: Pattern,
+        /// Request size.
+        #[arg(long, value_parser = parse_size, default_value = "2M")]
+        size: u64,
+        /// Number of requests (default: enough to cover the disk once).
+        #[arg(long)]
+        count: Option<u64>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Merge a differencing disk into its parent (journaled, resumable), like vhd-util coalesce.
     Coalesce(super::vhd_coalesce::CoalesceArgs),
     /// Set or clear blktap's hidden flag (footer byte 85, both copies).
@@ -117,6 +138,15 @@ enum VhdCommand {
         /// `on` or `off`.
         state: OnOff,
     },
+}
+
+/// I/O patterns of `bench`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Pattern {
+    /// Consecutive requests.
+    Seq,
+    /// Uniformly random, request-aligned offsets (fixed seed).
+    Rand,
 }
 
 /// Output formats of `convert`.
@@ -359,11 +389,79 @@ pub fn run(args: VhdArgs) -> Result<()> {
                 Format::Vhd => raw_to_vhd(src, dst, block_size_arg(*block_size)?)?,
             }
         }
+        VhdCommand::Bench {
+            file,
+            write,
+            pattern,
+            size,
+            count,
+            json,
+        } => bench(&open(file, *write)?, *write, *pattern, *size, *count, *json)?,
         VhdCommand::Coalesce(a) => super::vhd_coalesce::run(a, root_for(&args.root, a.child()))?,
         VhdCommand::SetHidden { file, state } => {
             vhd::set_hidden(file, *state == OnOff::On)
                 .with_context(|| format!("setting the hidden flag of {}", file.display()))?;
         }
+    }
+    Ok(())
+}
+
+fn bench(
+    c: &Chain,
+    write: bool,
+    pattern: Pattern,
+    size: u64,
+    count: Option<u64>,
+    json: bool,
+) -> Result<()> {
+    let vs = c.virtual_size();
+    if size == 0 || size > vs {
+        bail!("request size {size} must be between 1 and the virtual size {vs}");
+    }
+    let slots = vs / size;
+    let count = count.unwrap_or(slots);
+    let mut buf = vec![0x5Au8; size as usize];
+    // xorshift64*: a fixed, reproducible sequence of offsets.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let t0 = std::time::Instant::now();
+    for i in 0..count {
+        let slot = match pattern {
+            Pattern::Seq => i % slots,
+            Pattern::Rand => {
+                x ^= x >> 12;
+                x ^= x << 25;
+                x ^= x >> 27;
+                x.wrapping_mul(0x2545_F491_4F6C_DD1D) % slots
+            }
+        };
+        let off = slot * size;
+        if write {
+            c.write_at(&buf, off)
+                .with_context(|| format!("writing at offset {off}"))?;
+        } else {
+            c.read_at(&mut buf, off)
+                .with_context(|| format!("reading at offset {off}"))?;
+        }
+    }
+    if write {
+        c.flush().context("flushing")?;
+    }
+    let secs = t0.elapsed().as_secs_f64().max(1e-9);
+    let bytes = count * size;
+    let mibs = bytes as f64 / secs / (1 << 20) as f64;
+    let iops = count as f64 / secs;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"ops": count, "bytes": bytes, "seconds": secs, "mib_per_s": mibs, "iops": iops, "depth": c.depth()})
+        );
+    } else {
+        println!(
+            "{} {count} x {size} B ({:?}) through {} layer(s): {secs:.3} s, {mibs:.1} MiB/s, {iops:.0} IOPS",
+            if write { "wrote" } else { "read" },
+            pattern,
+            c.depth()
+        );
     }
     Ok(())
 }

@@ -272,6 +272,63 @@ impl MetaStore {
         )
     }
 
+    /// Writes several VDI records with one directory fsync: the temporary files are written and
+    /// fsynced concurrently (so the file system can commit them together), then renamed. Each
+    /// record is still atomically old or new.
+    pub fn write_vdis(&self, recs: &[&VdiRecord]) -> Result<()> {
+        let dir = self.vdis_dir();
+        let temps: Vec<Result<(PathBuf, PathBuf)>> = std::thread::scope(|s| {
+            let handles: Vec<_> = recs
+                .iter()
+                .map(|rec| {
+                    let dir = &dir;
+                    s.spawn(move || -> Result<(PathBuf, PathBuf)> {
+                        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+                        let name = format!("{}.json", rec.uuid);
+                        let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
+                        let mut f = OpenOptions::new()
+                            .write(true)
+                            .create_new(true)
+                            .open(&tmp)
+                            .map_err(|e| io("create", &tmp, e))?;
+                        f.write_all(&to_json(*rec)?)
+                            .map_err(|e| io("write", &tmp, e))?;
+                        f.sync_all().map_err(|e| io("fsync", &tmp, e))?;
+                        Ok((tmp, dir.join(name)))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(Error::InternalError("record writer panicked".into()))
+                    })
+                })
+                .collect()
+        });
+        let mut pairs = Vec::new();
+        let mut first_err = None;
+        for t in temps {
+            match t {
+                Ok(p) => pairs.push(p),
+                Err(e) => first_err = first_err.or(Some(e)),
+            }
+        }
+        if let Some(e) = first_err {
+            for (tmp, _) in pairs {
+                let _ = fs::remove_file(tmp);
+            }
+            return Err(e);
+        }
+        self.fp.hit("meta.temp_written");
+        for (tmp, target) in &pairs {
+            fs::rename(tmp, target).map_err(|e| io("rename into place", target, e))?;
+        }
+        self.fp.hit("meta.renamed");
+        fsync_dir(&dir)
+    }
+
     /// Whether a record exists for `uuid`.
     pub fn has_vdi(&self, uuid: &str) -> bool {
         self.vdis_dir().join(format!("{uuid}.json")).exists()

@@ -665,6 +665,17 @@ impl Storage {
         Ok((s.leaf_path(&vdi), s.ancestry(&vdi)))
     }
 
+    /// Garbage collection and coalescing of `sr`'s chains (see [`crate::differencing::gc`]):
+    /// on demand, online (attached VDIs keep serving I/O).
+    pub async fn sr_gc(
+        &self,
+        sr: &str,
+        opts: crate::differencing::gc::GcOptions,
+    ) -> Result<crate::differencing::gc::GcReport> {
+        let (_g, s) = self.attached(sr).await?;
+        blocking(move || crate::differencing::gc::run(&s, &opts, &mut |_| {})).await
+    }
+
     /// `Query.diagnostics`: a human-readable dump of the engine's state.
     pub async fn diagnostics(&self) -> String {
         use std::fmt::Write;
@@ -724,6 +735,7 @@ impl Storage {
                 );
             }
         }
+        out.push_str(&crate::differencing::gc::diagnostics());
         out
     }
 }

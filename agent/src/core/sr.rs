@@ -2,7 +2,7 @@
 //! operation, each journaled and recoverable. The async front end in `core/mod.rs` serialises
 //! calls per VDI and runs these on tokio's blocking pool.
 
-use super::error::{backend, io, Result};
+use super::error::{backend, io, Error, Result};
 use super::meta::{JournalEntry, JournalOp, MetaStore, SrMeta, VdiRecord};
 use super::{sys, time, validate};
 use crate::differencing::{list_nodes, node_file, ChainIndex, Format};
@@ -191,6 +191,27 @@ impl Sr {
         make(&tmp)?;
         let target = self.node(name);
         fs::rename(&tmp, &target).map_err(|e| io("rename into place", &target, e))?;
+        self.fsync_root()
+    }
+
+    fn part_path(&self, name: &str) -> PathBuf {
+        self.root.join(format!(".{name}.vhd.part"))
+    }
+
+    /// Creates `.<name>.vhd.part` as a child of `parent` (durable file, not yet published).
+    fn make_part(&self, name: &str, parent: &str) -> Result<()> {
+        let tmp = self.part_path(name);
+        let _ = fs::remove_file(&tmp);
+        self.format.create_child(&tmp, &self.node(parent))
+    }
+
+    /// Renames parts into place, then one directory fsync.
+    fn publish_parts(&self, names: &[&str]) -> Result<()> {
+        for n in names {
+            let target = self.node(n);
+            fs::rename(self.part_path(n), &target)
+                .map_err(|e| io("rename into place", &target, e))?;
+        }
         self.fsync_root()
     }
 
@@ -418,25 +439,19 @@ impl Sr {
     pub fn snapshot_vdi(&self, vdi: &Vdi, new_rec: VdiRecord, clone: bool) -> Result<VdiRecord> {
         let src = vdi.record();
         let base = uuid::Uuid::new_v4().to_string();
-        let (p_journal, p_renamed, p_hidden, p_leaf, p_child, p_child_rec, p_rec) = if clone {
+        let (p_journal, p_renamed, p_children, p_done) = if clone {
             (
                 "vdi_clone.journal_written",
                 "vdi_clone.leaf_renamed",
-                "vdi_clone.base_hidden",
-                "vdi_clone.new_leaf_created",
-                "vdi_clone.child_created",
-                "vdi_clone.child_record_written",
-                "vdi_clone.record_updated",
+                "vdi_clone.children_created",
+                "vdi_clone.base_hidden_records_written",
             )
         } else {
             (
                 "vdi_snapshot.journal_written",
                 "vdi_snapshot.leaf_renamed",
-                "vdi_snapshot.base_hidden",
-                "vdi_snapshot.new_leaf_created",
-                "vdi_snapshot.child_created",
-                "vdi_snapshot.child_record_written",
-                "vdi_snapshot.record_updated",
+                "vdi_snapshot.children_created",
+                "vdi_snapshot.base_hidden_records_written",
             )
         };
         let mut new_rec = new_rec;
@@ -467,23 +482,36 @@ impl Sr {
         let mut updated = src.clone();
         updated.sm_config.insert(SM_VHD_PARENT.into(), base.clone());
         let res = (|| {
-            self.format.set_hidden(&base_path, true)?;
+            // Both children at once (their fsyncs overlap), one directory fsync for both.
+            let (a, b) = std::thread::scope(|sc| {
+                let a = sc.spawn(|| self.make_part(&src.uuid, &base));
+                let b = self.make_part(&new_rec.uuid, &base);
+                (a.join(), b)
+            });
+            let a =
+                a.unwrap_or_else(|_| Err(Error::InternalError("child creation panicked".into())));
+            a.and(b)?;
+            self.publish_parts(&[&src.uuid, &new_rec.uuid])?;
+            {
+                let mut ix = lock(&self.chain);
+                ix.insert(&src.uuid, Some(base.clone()), false);
+                ix.insert(&new_rec.uuid, Some(base.clone()), false);
+            }
+            self.fp.hit(p_children);
+            // Hide the base while the two records are written (independent fsyncs, overlapped).
+            let (hidden, recs) = std::thread::scope(|sc| {
+                let h = sc.spawn(|| self.format.set_hidden(&base_path, true));
+                let r = self.meta.write_vdis(&[&new_rec, &updated]);
+                (h.join(), r)
+            });
+            hidden.unwrap_or_else(|_| Err(Error::InternalError("set_hidden panicked".into())))?;
+            recs?;
             {
                 let mut ix = lock(&self.chain);
                 let grandparent = ix.parent_of(&base).map(str::to_string);
                 ix.insert(&base, grandparent, true);
             }
-            self.fp.hit(p_hidden);
-            self.create_child_node(&src.uuid, &base)?;
-            lock(&self.chain).insert(&src.uuid, Some(base.clone()), false);
-            self.fp.hit(p_leaf);
-            self.create_child_node(&new_rec.uuid, &base)?;
-            lock(&self.chain).insert(&new_rec.uuid, Some(base.clone()), false);
-            self.fp.hit(p_child);
-            self.meta.write_vdi(&new_rec)?;
-            self.fp.hit(p_child_rec);
-            self.meta.write_vdi(&updated)?;
-            self.fp.hit(p_rec);
+            self.fp.hit(p_done);
             Ok(())
         })();
         if let Err(e) = res {

@@ -7,6 +7,7 @@
 
 #[cfg(test)]
 pub mod fake;
+pub mod gc;
 pub mod vhdfmt;
 
 use crate::core::error::Result;

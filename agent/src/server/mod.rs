@@ -334,6 +334,42 @@ pub async fn run_unix_listener(
     tracing::info!(path = %listener.path().display(), "unix listener closed");
 }
 
+/// Serves one client domain over vchan until `stop` resolves: publish a ring, wait for the
+/// client, serve that connection until it leaves, publish again. One vchan per (client, port)
+/// at a time, as libxenvchan; the client pipelines its calls over it.
+pub async fn run_vchan_listener(
+    server: Server,
+    listener: transport::vchan::VchanServer,
+    client: u16,
+    stop: impl Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    loop {
+        let stream = tokio::select! {
+            _ = &mut stop => break,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(client, error = %e, "vchan accept failed; retrying in 1 s");
+                    tokio::select! {
+                        _ = &mut stop => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            }
+        };
+        let mut conn = server.spawn_connection(stream, format!("vchan dom{client}"));
+        tokio::select! {
+            _ = &mut stop => {
+                conn.abort();
+                break;
+            }
+            _ = &mut conn => {}
+        }
+    }
+    tracing::info!(client, "vchan listener closed");
+}
+
 /// Keeps the announcer up to date: SR changes as they happen, load every `heartbeat`.
 pub async fn run_announcer(server: Server, announcer: Arc<dyn Announcer>, heartbeat: Duration) {
     let mut tick = tokio::time::interval(heartbeat.max(Duration::from_millis(100)));
