@@ -14,8 +14,8 @@ if [ "${QUICK:-0}" = 1 ]; then MIB=64; DEPTHS="1 5 10"; fi
 WORK=${2:-$(mktemp -d)}
 trap '[ -z "${2:-}" ] && rm -rf "$WORK"' EXIT
 command -v qemu-img >/dev/null || { echo "qemu-img missing: apt-get install qemu-utils" >&2; exit 1; }
-cargo build --release -q -p ddstor
-D=target/release/ddstor
+# DDSTOR=path uses an already-built binary instead of building the release one.
+if [ -n "${DDSTOR:-}" ]; then D=$DDSTOR; else cargo build --release -q -p ddstor; D=target/release/ddstor; fi
 now() { date +%s.%N; }
 rate() { awk -v b="$1" -v t="$2" 'BEGIN { printf "%.1f", b / t / 1048576 }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }

@@ -6,9 +6,10 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /run
 mount -t tmpfs tmpfs /tmp
-mkdir -p /run/xenstored /var/run/xenstored /var/lib/xenstored /var/lib/xen /var/log/xen /var/run/xen /run/xen
+mkdir -p /run/xenstored /var/lib/xenstored /var/lib/xen /var/log/xen /run/xen /run/ddstor
 echo "xenvm: dom0 up at $(cut -d' ' -f1 /proc/uptime) s, kernel $(uname -r), hypervisor $(cat /sys/hypervisor/type 2>/dev/null) $(cat /sys/hypervisor/version/major 2>/dev/null).$(cat /sys/hypervisor/version/minor 2>/dev/null)"
 for m in xen-evtchn xen-gntalloc xen-gntdev xen-privcmd xenfs xen-blkback; do
   insmod /lib/modules/$m.ko || echo "xenvm: insmod $m FAILED"

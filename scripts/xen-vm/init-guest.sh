@@ -17,12 +17,14 @@ mkdir -p /proc/xen
 mount -t xenfs xenfs /proc/xen
 domid=$(xenstore-read domid)
 echo "xenvm-guest: up as domain $domid at $(cut -d' ' -f1 /proc/uptime) s"
-xenstore-write data/xenvm/state up
+echo "xenvm-guest: cmdline: $(cat /proc/cmdline)"
+xenstore-write /local/domain/$domid/data/xenvm-state up || echo "xenvm-guest: xenstore-write failed rc=$?"
 cmd=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^xenvm\.cmd=//p')
 if [ -n "$cmd" ] && [ -x "/xenvm/guest.d/$cmd" ]; then
   echo "xenvm-guest: running $cmd"
   "/xenvm/guest.d/$cmd"
   echo "xenvm-guest: $cmd exited rc=$?"
+else
+  echo "xenvm-guest: no job '$cmd' in /xenvm/guest.d: $(ls /xenvm/guest.d)"
 fi
-xenstore-write data/xenvm/state done
 exec sh

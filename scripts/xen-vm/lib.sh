@@ -6,14 +6,16 @@ export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
 fail() { echo "FAIL: $*"; exit 1; }
 info() { echo "$*"; }
 
-# wait_for SECONDS COMMAND...: retry COMMAND every 0.1 s until it succeeds
+uptime_s() { cut -d. -f1 /proc/uptime; }
+
+# wait_for SECONDS COMMAND...: retry COMMAND every 0.2 s until it succeeds or SECONDS passed
 wait_for() {
-  local n=$(($1 * 10)); shift
-  while [ "$n" -gt 0 ]; do
+  local end=$(($(uptime_s) + $1)); shift
+  while :; do
     "$@" >/dev/null 2>&1 && return 0
-    sleep 0.1; n=$((n - 1))
+    [ "$(uptime_s)" -ge "$end" ] && return 1
+    sleep 0.2
   done
-  return 1
 }
 
 # bench NAME VALUE UNIT: one measured figure

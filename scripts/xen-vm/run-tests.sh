@@ -9,9 +9,10 @@
 # It never skips: no qemu-system, no packages, no boot => non-zero with the reason.
 #
 # Environment:
-#   XENVM_TIMEOUT   seconds for the whole qemu run (default 600)
-#   XENVM_ONLY      run only the in-VM tests whose name contains this string
+#   XENVM_TIMEOUT   seconds for the whole qemu run (default 900)
+#   XENVM_ONLY      run only the in-VM tests whose file name matches this extended regex
 #   XENVM_NO_BUILD  =1: use the existing release binaries (target/release/ddstor)
+#   XENVM_WIP       =1: also run tests/wip/*.sh (not yet reliable; not run in CI)
 #   XENVM_SHELL     =1: after the tests, drop to a shell on the console instead of powering off
 #   XENVM_KERNEL    the linux-image package to boot (default: what linux-image-amd64 depends on,
 #                   or the one already in the cache)
@@ -96,18 +97,21 @@ fetch() {
 # ---------------------------------------------------------------------------------------------
 build() {
   if [ "${XENVM_NO_BUILD:-}" != 1 ]; then
-    say "cargo build --release -p ddstor"
-    (cd "$ROOT" && cargo build --release --locked -q -p ddstor) || die "cargo build --release -p ddstor failed"
+    say "cargo build --release -p ddstor -p ddstor-xenvm"
+    (cd "$ROOT" && cargo build --release --locked -q -p ddstor -p ddstor-xenvm) \
+      || die "cargo build --release -p ddstor -p ddstor-xenvm failed"
   fi
   DDSTOR=$ROOT/target/release/ddstor
+  XVCHAN=$ROOT/target/release/xenvm-vchan
   [ -x "$DDSTOR" ] || die "no $DDSTOR"
+  [ -x "$XVCHAN" ] || die "no $XVCHAN"
   mkdir -p "$WORK/cbin"
   local c
   for c in "$HERE"/c/*.c; do
     [ -e "$c" ] || continue
     local out=$WORK/cbin/$(basename "$c" .c)
     if [ ! -x "$out" ] || [ "$c" -nt "$out" ]; then
-      gcc -O2 -Wall -Werror -o "$out" "$c" -lxenvchan \
+      gcc -O2 -Wall -Werror -o "$out" "$c" -lxenvchan -lxenevtchn \
         || die "cannot build $c (needs gcc and libxen-dev: scripts/install-deps.sh)"
     fi
   done
@@ -135,7 +139,7 @@ copy_bin() {
 base_tree() { # TREE: busybox, libraries, modules, Xen tools, ddstor, tests
   local tree=$1
   rm -rf "$tree"
-  mkdir -p "$tree"/{bin,sbin,usr/bin,usr/sbin,lib/x86_64-linux-gnu,lib/modules,etc,proc,sys,dev,run,tmp,var,root,xenvm/tests,xenvm/bin}
+  mkdir -p "$tree"/{bin,sbin,usr/bin,usr/sbin,lib/x86_64-linux-gnu,lib/modules,etc,proc,sys,dev,run,tmp,var/lib,var/log,root,xenvm/tests,xenvm/bin}
   cp "$XROOT/bin/busybox" "$tree/bin/busybox"
   local a
   for a in $("$XROOT/bin/busybox" --list-full); do
@@ -162,6 +166,8 @@ base_tree() { # TREE: busybox, libraries, modules, Xen tools, ddstor, tests
   copy_bin "$XROOT/usr/lib/xen-4.17/bin/libxl-save-helper" /usr/lib/xen-4.17/bin/libxl-save-helper "$tree"
   mkdir -p "$tree/etc/xen"; [ -f "$XROOT/etc/xen/xl.conf" ] && cp "$XROOT/etc/xen/xl.conf" "$tree/etc/xen/"
   copy_bin "$DDSTOR" /usr/bin/ddstor "$tree"
+  copy_bin "$XVCHAN" /xenvm/bin/xenvm-vchan "$tree"
+  ln -s /run "$tree/var/run"
   for t in "$WORK"/cbin/*; do [ -e "$t" ] && copy_bin "$t" "/xenvm/bin/$(basename "$t")" "$tree"; done
   cp "$HERE"/lib.sh "$tree/xenvm/lib.sh"
   echo "root:x:0:0:root:/root:/bin/sh" >"$tree/etc/passwd"
@@ -187,9 +193,11 @@ assemble() {
   base_tree "$d"
   cp "$HERE/init-dom0.sh" "$d/init"; chmod +x "$d/init"
   local t
-  for t in "$HERE"/tests/*.sh; do
+  local extra=""
+  [ "${XENVM_WIP:-}" = 1 ] && extra="$HERE/tests/wip/*.sh"
+  for t in "$HERE"/tests/*.sh $extra; do
     [ -e "$t" ] || continue
-    if [ -n "${XENVM_ONLY:-}" ] && [[ $(basename "$t") != *"$XENVM_ONLY"* ]]; then continue; fi
+    if [ -n "${XENVM_ONLY:-}" ] && ! basename "$t" | grep -qE "$XENVM_ONLY"; then continue; fi
     cp "$t" "$d/xenvm/tests/"
   done
   mkdir -p "$d/xenvm/guest"
@@ -204,12 +212,12 @@ assemble() {
 # 4. Boot and collect.
 # ---------------------------------------------------------------------------------------------
 boot() {
-  say "booting Xen 4.17 + dom0 ($KVER) under qemu TCG (timeout ${XENVM_TIMEOUT:-600} s)"
+  say "booting Xen 4.17 + dom0 ($KVER) under qemu TCG (timeout ${XENVM_TIMEOUT:-900} s)"
   local stdin=/dev/null
   [ "${XENVM_SHELL:-}" = 1 ] && stdin=/dev/stdin
   local tb=$SECONDS
   QEMU_MODULE_DIR=$XROOT/usr/lib/x86_64-linux-gnu/qemu \
-    timeout --foreground "${XENVM_TIMEOUT:-600}" "$QEMU" -L "$XROOT/usr/share/qemu" -L "$XROOT/usr/share/seabios" \
+    timeout --foreground "${XENVM_TIMEOUT:-900}" "$QEMU" -L "$XROOT/usr/share/qemu" -L "$XROOT/usr/share/seabios" \
     -accel tcg -cpu max -m 3072 -smp "${XENVM_SMP:-1}" -nographic -no-reboot -vga none -nic none \
     -kernel "$WORK/xen" \
     -append "console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M loglvl=warning guest_loglvl=warning smap=0 ${XENVM_XEN_ARGS:-}" \

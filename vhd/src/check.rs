@@ -250,7 +250,8 @@ pub fn check_io(io: Arc<dyn BlockIo>, name: &str) -> CheckReport {
         }
     }
     for (i, l) in header.locators.iter().enumerate() {
-        if l.code == 0 {
+        // Locators are meaningful only in differencing disks (see Disk::from_io).
+        if l.code == 0 || footer.disk_type != DiskType::Differencing {
             continue;
         }
         let field = hoff + 576 + 24 * i as u64;

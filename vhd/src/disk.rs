@@ -270,20 +270,43 @@ impl Disk {
                 batmap = Some(bm);
             }
         }
+        // Parent locators matter only in differencing disks (a dynamic disk's entries are
+        // ignored, whatever they hold). Their data must lie inside the file: a region past the
+        // end could otherwise be overlapped by blocks allocated later.
+        let known = [
+            PLAT_MACX,
+            PLAT_W2KU,
+            PLAT_W2RU,
+            u32::from_be_bytes(*b"Wi2r"),
+            u32::from_be_bytes(*b"Wi2k"),
+            u32::from_be_bytes(*b"Mac "),
+        ];
         for (i, l) in header.locators.iter().enumerate() {
-            if l.code == 0 || l.data_len == 0 {
+            if footer.disk_type != DiskType::Differencing
+                || !known.contains(&l.code)
+                || l.data_len == 0
+            {
                 continue;
             }
             let end = l
                 .data_offset
                 .saturating_add(round_up(l.data_len as u64, SECTOR));
-            if end <= len {
-                regions.push(Region {
-                    start: l.data_offset,
-                    end,
-                    what: format!("parent locator {i} ({})", l.code_name()),
-                });
+            if end > len {
+                return Err(Error::corrupt(
+                    name,
+                    format!("parent locator {i} ({})", l.code_name()),
+                    hoff + 576 + 24 * i as u64,
+                    format!(
+                        "data at {} of {} bytes lies past the end of the {len}-byte file",
+                        l.data_offset, l.data_len
+                    ),
+                ));
             }
+            regions.push(Region {
+                start: l.data_offset,
+                end,
+                what: format!("parent locator {i} ({})", l.code_name()),
+            });
         }
         let meta_end = regions.iter().map(|r| r.end).max().unwrap_or(0);
         let mut blocks: Vec<Region> = Vec::new();

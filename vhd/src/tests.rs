@@ -691,3 +691,46 @@ proptest! {
         prop_assert_eq!(read_all(&mem_chain(&reopened)), model);
     }
 }
+
+// ---- fuzz findings, kept as named regressions ----
+
+/// fuzz `disk` crash-95bd2b6c: a dynamic disk whose (meaningless) locator entry pointed past the
+/// end of a short file opened, was written (the file grew over that range), then failed to
+/// reopen with "parent locator overlaps footer copy". Locators of non-differencing disks are now
+/// ignored, and a differencing disk's locator data past EOF is refused at open.
+#[test]
+fn fuzz_regression_locator_entry_past_eof_does_not_break_reopen_after_a_write() {
+    let f = mem_dynamic(64 * 1024);
+    let mut b = f.to_bytes();
+    let h = 512 + 576 + 24 * 3;
+    b[h..h + 4].copy_from_slice(&0x0001_0000u32.to_be_bytes());
+    b[h + 8..h + 12].copy_from_slice(&4096u32.to_be_bytes());
+    b[h + 16..h + 24].copy_from_slice(&0u64.to_be_bytes());
+    let c = format::checksum(&b[512..1536], 36);
+    b[512 + 36..512 + 40].copy_from_slice(&c.to_be_bytes());
+    let m = Arc::new(MemFile::from_bytes(b));
+    mem_chain(std::slice::from_ref(&m))
+        .write_at(&[0xA5; 1000], 0)
+        .unwrap();
+    let again = Arc::new(MemFile::from_bytes(m.to_bytes()));
+    let c = mem_chain(std::slice::from_ref(&again));
+    let mut r = [0u8; 1000];
+    c.read_at(&mut r, 0).unwrap();
+    assert!(r.iter().all(|&x| x == 0xA5));
+    assert!(check_io(again, "again").is_ok());
+    // A differencing disk whose locator data lies past the end is refused with a clear error.
+    let base = mem_dynamic(64 * 1024);
+    let child = mem_child(&base, "b");
+    let mut b = child.to_bytes();
+    let h = 512 + 576;
+    b[h + 16..h + 24].copy_from_slice(&(1u64 << 40).to_be_bytes());
+    let c = format::checksum(&b[512..1536], 36);
+    b[512 + 36..512 + 40].copy_from_slice(&c.to_be_bytes());
+    let e = Disk::from_io(Arc::new(MemFile::from_bytes(b)), "c", false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("parent locator 0") && e.contains("past the end"),
+        "{e}"
+    );
+}

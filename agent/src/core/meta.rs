@@ -59,7 +59,7 @@ pub struct VdiRecord {
     pub metadata_of_pool: String,
     /// xapi `is_a_snapshot`.
     pub is_a_snapshot: bool,
-    /// xapi `snapshot_time` (RFC 3339; the epoch for non-snapshots).
+    /// xapi `snapshot_time` (xapi's `YYYYMMDDTHH:MM:SSZ`; the epoch for non-snapshots).
     pub snapshot_time: String,
     /// xapi `snapshot_of` (the source VDI's uuid, or empty).
     pub snapshot_of: String,

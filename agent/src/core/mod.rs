@@ -511,7 +511,7 @@ impl Storage {
         } else {
             new.is_a_snapshot = true;
             new.snapshot_of = src.uuid.clone();
-            new.snapshot_time = time::now_rfc3339();
+            new.snapshot_time = time::now_xapi();
             new.read_only = true;
             new.persistent = true;
         }

@@ -702,7 +702,7 @@ pub fn new_record(uuid: &str, virtual_size: u64) -> VdiRecord {
         content_id: String::new(),
         metadata_of_pool: String::new(),
         is_a_snapshot: false,
-        snapshot_time: time::NEVER.into(),
+        snapshot_time: interface::SNAPSHOT_TIME_NEVER.into(),
         snapshot_of: String::new(),
         read_only: false,
         cbt_enabled: false,

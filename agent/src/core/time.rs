@@ -14,6 +14,20 @@ pub fn now_rfc3339() -> String {
     format_unix(secs)
 }
 
+/// Now in xapi's date form (`YYYYMMDDTHH:MM:SSZ`, as `interface::SNAPSHOT_TIME_NEVER`), for
+/// `snapshot_time`.
+pub fn now_xapi() -> String {
+    xapi_form(&now_rfc3339())
+}
+
+/// Converts `YYYY-MM-DDTHH:MM:SSZ` to xapi's `YYYYMMDDTHH:MM:SSZ`.
+pub fn xapi_form(rfc3339: &str) -> String {
+    match rfc3339.split_once('T') {
+        Some((date, rest)) => format!("{}T{rest}", date.replace('-', "")),
+        None => rfc3339.to_string(),
+    }
+}
+
 /// Formats seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ`.
 pub fn format_unix(secs: u64) -> String {
     let days = (secs / 86_400) as i64;
@@ -45,5 +59,6 @@ mod tests {
         assert_eq!(format_unix(0), NEVER);
         assert_eq!(format_unix(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(format_unix(1_795_608_000), "2026-11-25T12:00:00Z");
+        assert_eq!(xapi_form(NEVER), interface::SNAPSHOT_TIME_NEVER);
     }
 }

@@ -16,6 +16,10 @@
  *   vchan-peer client DOMID XSPATH hold
  *       connect, then block reading until the server goes away; prints "vchan-peer: peer closed"
  *       (close detection: the server's ring page unmap notification clears its live byte).
+ *   vchan-peer client DOMID XSPATH hostile
+ *       connect, then act as a hostile peer: claim far more bytes written than the ring holds
+ *       (bogus producer index) and signal; passes when the server drops the connection (its
+ *       live byte goes to 0) within 20 s, fails if it is still open.
  * Exit status 0 on success, 1 on any failure (with a reason on stderr).
  */
 #include <errno.h>
@@ -172,6 +176,23 @@ static int client(int dom, const char *path, const char *mode, uint64_t arg)
         t = now() - t;
         printf("vchan-peer: stream %llu bytes verified, %.2f MiB/s\n", (unsigned long long)arg,
                (double)arg / t / 1048576.0);
+    } else if (!strcmp(mode, "hostile")) {
+        uint32_t size = 1u << c->write.order;
+        uint32_t cons = c->write.shr->cons;
+        /* a producer 3 ring sizes ahead of the consumer: more than the ring can hold */
+        __atomic_store_n(&c->write.shr->prod, cons + 3 * size + 17, __ATOMIC_SEQ_CST);
+        xenevtchn_notify(c->event, c->event_port);
+        printf("vchan-peer: wrote bogus prod %u (cons %u, ring %u bytes)\n", cons + 3 * size + 17,
+               cons, size);
+        fflush(stdout);
+        double t = now();
+        while (libxenvchan_is_open(c) && now() - t < 20)
+            usleep(50000);
+        if (libxenvchan_is_open(c)) {
+            fprintf(stderr, "vchan-peer: hostile: the server still has the connection open\n");
+            return 1;
+        }
+        printf("vchan-peer: hostile: server dropped the connection after %.1f s\n", now() - t);
     } else if (!strcmp(mode, "hold")) {
         char b[64];
         printf("vchan-peer: connected, holding\n");
@@ -204,6 +225,6 @@ int main(int argc, char **argv)
     if (argc >= 5 && !strcmp(argv[1], "client"))
         return client(atoi(argv[2]), argv[3], argv[4], argc > 5 ? strtoull(argv[5], NULL, 0) : 0);
     fprintf(stderr, "usage: vchan-peer server DOMID XSPATH [READ_MIN WRITE_MIN]\n"
-                    "       vchan-peer client DOMID XSPATH ping|stream BYTES|rtt COUNT|hold\n");
+                    "       vchan-peer client DOMID XSPATH ping|stream BYTES|rtt COUNT|hold|hostile\n");
     return 2;
 }

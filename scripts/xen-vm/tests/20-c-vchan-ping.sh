@@ -6,7 +6,7 @@ P=/local/domain/0/data/xenvm-c
 start_server() { # name [read_min write_min]
   vchan-peer server 0 $P/$1 $2 $3 >/tmp/srv.$1 2>&1 &
   srv=$!
-  wait_for 10 xenstore-read $P/$1/ring-ref || { cat /tmp/srv.$1; fail "$1: server did not publish ring-ref"; }
+  wait_for 10 xenstore-read $P/$1/event-channel || { cat /tmp/srv.$1; fail "$1: server did not publish ring-ref"; }
 }
 stop_server() { # name
   wait $srv || { cat /tmp/srv.$1; fail "$1: server rc=$?"; }

@@ -284,6 +284,15 @@ impl Backend for XenBackend {
         };
         let len = count * PAGE_SIZE;
         let mapped = Self::mmap(fd, len, true, index);
+        // The unmap notification must be set while the grefs are still on this file's list:
+        // after DEALLOC_GREF the kernel no longer finds them (ENOENT), as measured on real Xen
+        // (scripts/xen-vm); libxenvchan's xengntshr_share_page_notify orders it the same way.
+        let notified = match (&mapped, &notify) {
+            (Ok(_), Some(n)) => {
+                Self::set_notify(fd, abi::IOCTL_GNTALLOC_SET_UNMAP_NOTIFY, index, n)
+            }
+            _ => Ok(()),
+        };
         // Drop our reference now: the pages are freed when the mapping goes away.
         let mut dealloc = abi::GntallocDeallocGref {
             index,
@@ -299,12 +308,10 @@ impl Backend for XenBackend {
             )
         };
         let ptr = mapped?;
-        if let Some(n) = &notify {
-            if let Err(e) = Self::set_notify(fd, abi::IOCTL_GNTALLOC_SET_UNMAP_NOTIFY, index, n) {
-                // SAFETY: unmapping what we just mapped.
-                unsafe { libc::munmap(ptr.as_ptr().cast(), len) };
-                return Err(e);
-            }
+        if let Err(e) = notified {
+            // SAFETY: unmapping what we just mapped.
+            unsafe { libc::munmap(ptr.as_ptr().cast(), len) };
+            return Err(e);
         }
         let addr = ptr.as_ptr() as usize;
         let keep = self.gntalloc.clone();
