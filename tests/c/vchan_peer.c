@@ -8,6 +8,8 @@
  *   echo            write back everything read until the peer closes
  *   source N        write N bytes of the xorshift stream (seed 1), then close
  *   sink            read until the peer closes
+ *   blast N         write N bytes from a constant buffer, then close (benchmarks: no byte loop)
+ *   drain           read until the peer closes without checksumming (benchmarks)
  *   pingpong N S    N round trips of S-byte messages (this side sends first); prints µs per trip
  * Every mode prints one line on stdout at the end: "bytes=<read> written=<written>
  * fnv=<fnv1a-64 of the bytes read> secs=<elapsed>".
@@ -73,7 +75,22 @@ int main(int argc, char **argv) {
     uint64_t nread = 0, nwritten = 0;
     double t0 = now();
     int rc = 0;
-    if (!strcmp(mode, "echo") || !strcmp(mode, "sink")) {
+    if (!strcmp(mode, "drain")) {
+        for (;;) {
+            int r = libxenvchan_read(v, buf, sizeof buf);
+            if (r < 0) break;
+            nread += (uint64_t)r;
+        }
+    } else if (!strcmp(mode, "blast") && argc > ai + 1) {
+        uint64_t n = strtoull(argv[ai + 1], 0, 0);
+        memset(buf, 0xa5, sizeof buf);
+        while (nwritten < n) {
+            size_t c = sizeof buf;
+            if (n - nwritten < c) c = (size_t)(n - nwritten);
+            if (write_all(v, buf, c)) { rc = 1; break; }
+            nwritten += c;
+        }
+    } else if (!strcmp(mode, "echo") || !strcmp(mode, "sink")) {
         int echo = !strcmp(mode, "echo");
         for (;;) {
             int r = libxenvchan_read(v, buf, sizeof buf);

@@ -1,5 +1,5 @@
 //! [`VchanStream`]: a vchan ring as a tokio byte stream, woken by the event channel's file
-//! descriptor (a small pump task drains events and wakes the reader and the writer; nothing
+//! descriptor (readiness wakes both the reader and the writer, which drain the events; nothing
 //! polls while idle). [`VchanServer`] and [`VchanClient`] set rings up through a [`Rendezvous`].
 
 use super::ring::{choose_orders, Live, Ring};
@@ -7,16 +7,17 @@ use super::sim::SimXen;
 use super::{Backend, DomId, EventChannel, Rendezvous};
 use crate::error::{Error, Result};
 use futures::task::AtomicWaker;
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::task::JoinHandle;
 
 /// Which backend to use, chosen at run time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,8 +69,18 @@ pub struct VchanStream {
     ring: Ring,
     event: Arc<dyn EventChannel>,
     wakers: Arc<Wakers>,
-    pump: JoinHandle<()>,
+    afd: AsyncFd<EvFd>,
+    both: Waker,
     failed: Option<String>,
+    stall_timeout: Option<Duration>,
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl futures::task::ArcWake for Wakers {
+    fn wake_by_ref(arc_self: &Arc<Self>) {
+        arc_self.read.wake();
+        arc_self.write.wake();
+    }
 }
 
 impl std::fmt::Debug for VchanStream {
@@ -97,39 +108,42 @@ impl VchanStream {
             AsyncFd::register_with_interest(EvFd(event.clone()), tokio::io::Interest::READABLE)
         }
         .map_err(|e| Error::io("registering the event channel with tokio", e.into()))?;
-        let (ev, w) = (event.clone(), wakers.clone());
-        let pump = tokio::spawn(async move {
-            loop {
-                let mut guard = match afd.readable().await {
-                    Ok(g) => g,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "event channel poll failed");
-                        break;
-                    }
-                };
-                match ev.drain() {
-                    Ok(n) => {
-                        w.events.fetch_add(n, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "event channel read failed");
-                        break;
-                    }
-                }
-                guard.clear_ready();
-                w.read.wake();
-                w.write.wake();
-            }
-            w.read.wake();
-            w.write.wake();
-        });
+        let both = futures::task::waker(wakers.clone());
         Ok(VchanStream {
             ring,
             event,
             wakers,
-            pump,
+            afd,
+            both,
             failed: None,
+            stall_timeout: None,
+            stall: None,
         })
+    }
+
+    /// Drop the connection when the peer leaves our outgoing ring full for this long (a peer
+    /// that never reads). `None` (the default) waits for ever.
+    pub fn set_stall_timeout(&mut self, timeout: Option<Duration>) {
+        self.stall_timeout = timeout;
+        self.stall = None;
+    }
+
+    /// Consume pending events and arm the descriptor so the next event wakes both the reader
+    /// and the writer (whichever registered). Call after registering a waker, before looking
+    /// at the ring.
+    fn poll_events(&mut self) -> Result<()> {
+        let mut cx = Context::from_waker(&self.both);
+        loop {
+            match self.afd.poll_read_ready(&mut cx) {
+                Poll::Ready(Ok(mut guard)) => {
+                    let n = self.event.drain()?;
+                    self.wakers.events.fetch_add(n, Ordering::Relaxed);
+                    guard.clear_ready();
+                }
+                Poll::Ready(Err(e)) => return Err(Error::io("polling the event channel", e)),
+                Poll::Pending => return Ok(()),
+            }
+        }
     }
 
     /// Events received so far (diagnostics).
@@ -175,6 +189,9 @@ impl VchanStream {
     pub async fn wait_connected(&mut self) -> Result<()> {
         std::future::poll_fn(|cx| {
             self.wakers.read.register(cx.waker());
+            if let Err(e) = self.poll_events() {
+                return Poll::Ready(Err(e));
+            }
             match self.ring.peer_live() {
                 Ok(Live::Connected) => Poll::Ready(Ok(())),
                 Ok(Live::Waiting) => Poll::Pending,
@@ -202,6 +219,9 @@ impl AsyncRead for VchanStream {
             return Poll::Ready(Ok(()));
         }
         this.wakers.read.register(cx.waker());
+        if let Err(e) = this.poll_events() {
+            return Poll::Ready(Err(this.fail(e)));
+        }
         for attempt in 0..2 {
             match this.ring.recv(buf.initialize_unfilled()) {
                 Ok((0, _)) => {}
@@ -242,6 +262,9 @@ impl AsyncWrite for VchanStream {
             )));
         }
         this.wakers.write.register(cx.waker());
+        if let Err(e) = this.poll_events() {
+            return Poll::Ready(Err(this.fail(e)));
+        }
         match this.ring.peer_live() {
             Ok(Live::Gone) => {
                 return Poll::Ready(Err(io::Error::new(
@@ -253,8 +276,24 @@ impl AsyncWrite for VchanStream {
             Err(e) => return Poll::Ready(Err(this.fail(e))),
         }
         match this.ring.send(buf) {
-            Ok((0, _)) if !buf.is_empty() => Poll::Pending,
-            Ok((n, kick)) => Poll::Ready(this.kick(kick).map(|()| n)),
+            Ok((0, _)) if !buf.is_empty() => {
+                if let Some(t) = this.stall_timeout {
+                    let sleep = this
+                        .stall
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(t)));
+                    if sleep.as_mut().poll(cx).is_ready() {
+                        let e = Error::HostilePeer(format!(
+                            "peer left the ring full for {t:?} without reading"
+                        ));
+                        return Poll::Ready(Err(this.fail(e)));
+                    }
+                }
+                Poll::Pending
+            }
+            Ok((n, kick)) => {
+                this.stall = None;
+                Poll::Ready(this.kick(kick).map(|()| n))
+            }
             Err(e) => Poll::Ready(Err(this.fail(e))),
         }
     }
@@ -272,7 +311,6 @@ impl AsyncWrite for VchanStream {
 
 impl Drop for VchanStream {
     fn drop(&mut self) {
-        self.pump.abort();
         self.close_ring();
     }
 }
@@ -286,6 +324,7 @@ pub struct VchanServer {
     client: DomId,
     port: String,
     orders: (u8, u8),
+    stall_timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for VchanServer {
@@ -319,7 +358,15 @@ impl VchanServer {
             client,
             port: port.into(),
             orders: choose_orders(read_min, write_min)?,
+            stall_timeout: None,
         })
+    }
+
+    /// Streams accepted from now on drop a client that leaves the ring full this long
+    /// (see [`VchanStream::set_stall_timeout`]).
+    pub fn with_stall_timeout(mut self, timeout: Duration) -> VchanServer {
+        self.stall_timeout = Some(timeout);
+        self
     }
 
     /// Use exactly these (left, right) orders (10–20; equal orders must be ≥ 12).
@@ -340,6 +387,7 @@ impl VchanServer {
             self.orders.1,
         )?;
         let mut stream = VchanStream::new(ring, event.clone())?;
+        stream.set_stall_timeout(self.stall_timeout);
         self.rendezvous
             .publish(
                 self.server,
