@@ -2,6 +2,7 @@
 //! and a `run` function; `main.rs` only dispatches.
 
 pub mod call;
+pub mod gc;
 pub mod nbd;
 pub mod serve;
 pub mod sr;

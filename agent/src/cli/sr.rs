@@ -18,6 +18,8 @@ pub struct SrArgs {
 
 #[derive(Debug, Subcommand)]
 enum SrCommand {
+    /// Garbage-collect and coalesce an SR's chains offline (the SR's directory; not attached).
+    Gc(super::gc::GcArgs),
     /// Create an SR (SR.create); prints its uuid. Attach it with `ddstor sr attach UUID`.
     Create {
         /// The SR's uuid (default: a new random one).
@@ -120,6 +122,9 @@ pub fn print_vdi_table(vdis: &[VdiInfo]) {
 
 /// Runs `ddstor sr`.
 pub fn run(a: SrArgs) -> anyhow::Result<()> {
+    if let SrCommand::Gc(g) = &a.command {
+        return super::gc::run(g);
+    }
     let rt = runtime()?;
     let target = a.connect.describe();
     let result: Result<(), ClientError> = rt.block_on(async {
@@ -186,6 +191,8 @@ pub fn run(a: SrArgs) -> anyhow::Result<()> {
                 })
                 .await?;
             }
+            // Handled above, before connecting.
+            SrCommand::Gc(_) => {}
         }
         Ok(())
     });
