@@ -227,6 +227,16 @@ impl Storage {
                 self.vdi_epoch_end(sr.as_str(), v.as_str(), vm.as_str())
                     .await,
             ),
+            c @ (Call::VdiAttach { .. }
+            | Call::VdiAttach2 { .. }
+            | Call::VdiAttach3 { .. }
+            | Call::VdiActivate { .. }
+            | Call::VdiActivate3 { .. }
+            | Call::VdiActivateReadonly { .. }
+            | Call::VdiDeactivate { .. }
+            | Call::VdiDetach { .. }
+            | Call::DpDestroy { .. }
+            | Call::DpStatVdi { .. }) => self.hooks.call(self, c).await,
             _ => Err(StorageError::Unimplemented(method.to_string())),
         }
     }

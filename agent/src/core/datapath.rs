@@ -15,6 +15,9 @@ use std::pin::Pin;
 /// A boxed, sendable future (hooks are object-safe).
 pub type HookFuture<'a> = Pin<Box<dyn Future<Output = Result<()>> + Send + 'a>>;
 
+/// A boxed future answering one xapi call.
+pub type CallFuture<'a> = Pin<Box<dyn Future<Output = interface::Reply> + Send + 'a>>;
+
 /// Callbacks from the engine to the datapath layer. Every method has a no-op default, which is
 /// exactly right while no datapath exists.
 pub trait DatapathHooks: Send + Sync + std::fmt::Debug + 'static {
@@ -43,6 +46,16 @@ pub trait DatapathHooks: Send + Sync + std::fmt::Debug + 'static {
     /// Called before an SR is detached: tear down its datapaths.
     fn before_sr_detach<'a>(&'a self, _sr: &'a str) -> HookFuture<'a> {
         Box::pin(async { Ok(()) })
+    }
+
+    /// Answers a datapath call (`VDI.attach*`, `activate*`, `deactivate`, `detach`, `DP.*`);
+    /// the engine routes them here. Default: `Unimplemented`.
+    fn call<'a>(&'a self, _storage: &'a super::Storage, call: interface::Call) -> CallFuture<'a> {
+        Box::pin(async move {
+            Err(interface::StorageError::Unimplemented(
+                call.method().to_string(),
+            ))
+        })
     }
 }
 

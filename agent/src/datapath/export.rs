@@ -123,6 +123,18 @@ impl Export {
         })
     }
 
+    /// A pass for one request if the gate is open right now (no waiting), else `None`.
+    pub fn try_enter(&self) -> Option<GatePass> {
+        if self.is_closed() {
+            return None;
+        }
+        let guard = self.gate.clone().try_read_owned().ok()?;
+        Some(GatePass {
+            _guard: guard,
+            backend: self.backend(),
+        })
+    }
+
     /// Pauses I/O: new requests wait; in-flight ones complete; then the backend is flushed.
     /// Idempotent (pausing a paused export flushes again and returns).
     pub async fn pause(&self) -> Result<(), Error> {

@@ -6,16 +6,20 @@
 //! - [`server`]: the NBD server on tokio (fixed newstyle; structured replies; extended headers;
 //!   `base:allocation`; many requests in flight per connection, many connections per export).
 //! - [`proto`]: the NBD wire format.
+//! - [`manager`]: per-datapath state of every VDI (xapi's `vdi_automaton`), persisted, driving
+//!   the exports; the engine's [`crate::core::datapath::DatapathHooks`].
 
 pub mod backend;
 pub mod chain;
 pub mod export;
+pub mod manager;
 pub mod proto;
 pub mod server;
 
 pub use backend::{BlockBackend, Extent, ExtentState, MemBackend, RawFileBackend};
 pub use chain::ChainBackend;
 pub use export::{Export, ExportOptions, Exports};
+pub use manager::Datapaths;
 pub use server::{serve_connection, NbdServer};
 
 /// Errors of the datapath.

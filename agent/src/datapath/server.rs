@@ -568,11 +568,7 @@ where
                 break Err(e.into());
             }
         }
-        let conn = conn.clone();
-        tokio::spawn(async move {
-            conn.handle(req, has_payload, payload, (permit, Some(bpermit)))
-                .await;
-        });
+        conn.dispatch(req, has_payload, payload, (permit, Some(bpermit)));
     };
     if result.is_err() {
         abort_tx.send_replace(true);
@@ -691,122 +687,142 @@ impl Conn {
             .is_some_and(|end| end <= self.export.size())
     }
 
-    async fn handle(&self, req: Request, has_payload: bool, payload: Vec<u8>, permits: Permits) {
+    /// Refusals that need no I/O: (NBD errno, message).
+    fn precheck(&self, req: &Request, has_payload: bool) -> Result<(), (u32, &'static str)> {
         if has_payload && req.kind != proto::CMD_WRITE {
-            return self.send_error(&req, errno::EINVAL, "unexpected payload", permits);
+            return Err((errno::EINVAL, "unexpected payload"));
         }
         let writes = matches!(
             req.kind,
             proto::CMD_WRITE | proto::CMD_TRIM | proto::CMD_WRITE_ZEROES
         );
         if writes && self.export.read_only() {
-            return self.send_error(&req, errno::EPERM, "export is read-only", permits);
+            return Err((errno::EPERM, "export is read-only"));
         }
         match req.kind {
-            proto::CMD_READ => self.read(req, permits).await,
-            proto::CMD_WRITE | proto::CMD_WRITE_ZEROES | proto::CMD_TRIM => {
-                if !self.in_range(&req) {
-                    let e = if req.kind == proto::CMD_TRIM {
-                        errno::EINVAL
-                    } else {
-                        errno::ENOSPC
-                    };
-                    return self.send_error(&req, e, "beyond the end of the export", permits);
+            proto::CMD_READ => {
+                if req.length > proto::MAX_PAYLOAD {
+                    return Err((errno::EOVERFLOW, "read too large"));
                 }
-                let fua = req.flags & proto::CMD_FLAG_FUA != 0;
-                let r = self
-                    .blocking(move |b| {
-                        match req.kind {
-                            proto::CMD_WRITE => b.write_at(&payload, req.offset)?,
-                            proto::CMD_WRITE_ZEROES => b.write_zeroes(req.offset, req.length)?,
-                            _ => b.trim(req.offset, req.length)?,
-                        }
-                        if fua {
-                            b.flush()?;
-                        }
-                        Ok(())
-                    })
-                    .await;
-                self.finish(&req, r, permits);
+                if !self.in_range(req) {
+                    return Err((errno::EINVAL, "beyond the end of the export"));
+                }
             }
-            proto::CMD_FLUSH => {
-                let r = self.blocking(|b| b.flush()).await;
-                self.finish(&req, r, permits);
+            proto::CMD_WRITE | proto::CMD_WRITE_ZEROES => {
+                if !self.in_range(req) {
+                    return Err((errno::ENOSPC, "beyond the end of the export"));
+                }
             }
-            proto::CMD_BLOCK_STATUS => self.block_status(req, permits).await,
-            other => {
-                let msg = format!("unknown command {other}");
-                self.send_error(&req, errno::EINVAL, &msg, permits);
+            proto::CMD_TRIM => {
+                if !self.in_range(req) {
+                    return Err((errno::EINVAL, "beyond the end of the export"));
+                }
+            }
+            proto::CMD_FLUSH => {}
+            proto::CMD_BLOCK_STATUS => {
+                if !self.base_allocation || self.style == ReplyStyle::Simple {
+                    return Err((errno::EINVAL, "no metadata context negotiated"));
+                }
+                if req.length == 0 || req.offset >= self.export.size() {
+                    return Err((errno::EINVAL, "beyond the end of the export"));
+                }
+            }
+            _ => return Err((errno::EINVAL, "unknown command")),
+        }
+        Ok(())
+    }
+
+    /// Starts one request: refusals are answered at once; otherwise the I/O runs on the
+    /// blocking pool — straight away when the gate is open (no extra task hop), after waiting
+    /// at the gate otherwise.
+    fn dispatch(
+        self: &Arc<Self>,
+        req: Request,
+        has_payload: bool,
+        payload: Vec<u8>,
+        permits: Permits,
+    ) {
+        if let Err((e, msg)) = self.precheck(&req, has_payload) {
+            return self.send_error(&req, e, msg, permits);
+        }
+        if req.kind == proto::CMD_READ && req.length == 0 {
+            return self.send_ok_read_empty(&req, permits);
+        }
+        let conn = self.clone();
+        match self.export.try_enter() {
+            Some(pass) => {
+                tokio::task::spawn_blocking(move || conn.execute(pass, req, payload, permits));
+            }
+            None => {
+                tokio::spawn(async move {
+                    match conn.enter().await {
+                        Ok(pass) => {
+                            tokio::task::spawn_blocking(move || {
+                                conn.execute(pass, req, payload, permits)
+                            });
+                        }
+                        Err(e) => conn.send_error(&req, e.nbd_errno(), &e.to_string(), permits),
+                    }
+                });
             }
         }
     }
 
-    fn finish(&self, req: &Request, r: Result<(), Error>, permits: Permits) {
+    /// Does one request's I/O (on a blocking thread, past the gate) and queues its reply.
+    fn execute(
+        &self,
+        pass: super::export::GatePass,
+        req: Request,
+        payload: Vec<u8>,
+        permits: Permits,
+    ) {
+        let b = &*pass.backend;
+        let fua = req.flags & proto::CMD_FLAG_FUA != 0;
+        let r = match req.kind {
+            proto::CMD_READ => return self.execute_read(b, req, permits),
+            proto::CMD_BLOCK_STATUS => return self.execute_block_status(b, req, permits),
+            proto::CMD_WRITE => b.write_at(&payload, req.offset),
+            proto::CMD_WRITE_ZEROES => b.write_zeroes(req.offset, req.length),
+            proto::CMD_TRIM => b.trim(req.offset, req.length),
+            _ => b.flush(),
+        };
+        let r = match r {
+            Ok(()) if fua && req.kind != proto::CMD_FLUSH => b.flush(),
+            other => other,
+        };
+        drop(pass);
         match r {
-            Ok(()) => self.send_ok(req, permits),
-            Err(e) => self.send_error(req, e.nbd_errno(), &e.to_string(), permits),
+            Ok(()) => self.send_ok(&req, permits),
+            Err(e) => self.send_error(&req, e.nbd_errno(), &e.to_string(), permits),
         }
     }
 
-    /// Passes the gate and runs `f` on the blocking pool with the current backend.
-    async fn blocking<T, F>(&self, f: F) -> Result<T, Error>
-    where
-        T: Send + 'static,
-        F: FnOnce(&dyn super::BlockBackend) -> Result<T, Error> + Send + 'static,
-    {
-        let pass = self.enter().await?;
-        tokio::task::spawn_blocking(move || {
-            let r = f(&*pass.backend);
-            drop(pass);
-            r
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("I/O task: {e}")))?
-    }
-
-    async fn read(&self, req: Request, permits: Permits) {
-        if req.length > proto::MAX_PAYLOAD {
-            return self.send_error(&req, errno::EOVERFLOW, "read too large", permits);
-        }
-        if !self.in_range(&req) {
-            return self.send_error(&req, errno::EINVAL, "beyond the end of the export", permits);
-        }
+    fn execute_read(&self, b: &dyn super::BlockBackend, req: Request, permits: Permits) {
         let len = req.length as usize;
         let (hl, prefix) = match self.style {
             ReplyStyle::Simple => (16, 16),
             s => (s.chunk_header_len(), s.chunk_header_len() + 8),
         };
-        if len == 0 {
-            return self.send_ok_read_empty(&req, permits);
-        }
         let mut buf = vec![0u8; prefix + len];
-        let r = self
-            .blocking(move |b| {
-                b.read_at(&mut buf[prefix..], req.offset)?;
-                Ok(buf)
-            })
-            .await;
-        match r {
-            Ok(mut buf) => {
-                match self.style {
-                    ReplyStyle::Simple => proto::put_simple_reply(&mut buf[..16], 0, req.cookie),
-                    s => {
-                        proto::put_chunk_header(
-                            &mut buf[..hl],
-                            s,
-                            proto::REPLY_FLAG_DONE,
-                            proto::REPLY_TYPE_OFFSET_DATA,
-                            req.cookie,
-                            req.offset,
-                            (8 + len) as u64,
-                        );
-                        buf[hl..hl + 8].copy_from_slice(&req.offset.to_be_bytes());
-                    }
-                }
-                self.send(buf, permits);
-            }
-            Err(e) => self.send_error(&req, e.nbd_errno(), &e.to_string(), permits),
+        if let Err(e) = b.read_at(&mut buf[prefix..], req.offset) {
+            return self.send_error(&req, e.nbd_errno(), &e.to_string(), permits);
         }
+        match self.style {
+            ReplyStyle::Simple => proto::put_simple_reply(&mut buf[..16], 0, req.cookie),
+            s => {
+                proto::put_chunk_header(
+                    &mut buf[..hl],
+                    s,
+                    proto::REPLY_FLAG_DONE,
+                    proto::REPLY_TYPE_OFFSET_DATA,
+                    req.cookie,
+                    req.offset,
+                    (8 + len) as u64,
+                );
+                buf[hl..hl + 8].copy_from_slice(&req.offset.to_be_bytes());
+            }
+        }
+        self.send(buf, permits);
     }
 
     fn send_ok_read_empty(&self, req: &Request, permits: Permits) {
@@ -828,24 +844,9 @@ impl Conn {
         }
     }
 
-    async fn block_status(&self, req: Request, permits: Permits) {
-        if !self.base_allocation || self.style == ReplyStyle::Simple {
-            return self.send_error(
-                &req,
-                errno::EINVAL,
-                "no metadata context negotiated",
-                permits,
-            );
-        }
-        let size = self.export.size();
-        if req.length == 0 || req.offset >= size {
-            return self.send_error(&req, errno::EINVAL, "beyond the end of the export", permits);
-        }
-        let len = req.length.min(size - req.offset);
-        let r = self
-            .blocking(move |b| b.block_status(req.offset, len))
-            .await;
-        let extents = match r {
+    fn execute_block_status(&self, b: &dyn super::BlockBackend, req: Request, permits: Permits) {
+        let len = req.length.min(b.size().saturating_sub(req.offset));
+        let extents = match b.block_status(req.offset, len) {
             Ok(x) => x,
             Err(e) => return self.send_error(&req, e.nbd_errno(), &e.to_string(), permits),
         };

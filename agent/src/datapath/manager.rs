@@ -1,0 +1,1006 @@
+//! Per-datapath state of every VDI (xapi's `vdi_automaton`) and the NBD exports behind it.
+//!
+//! For each VDI the manager keeps the state of every datapath `dp` (Detached | Attached RO/RW |
+//! Activated RO/RW). A call changes one dp's state by the automaton's rules ([`apply`]); backend
+//! work happens only when the VDI's *superstate* ([`superstate`]: any dp activated → activated;
+//! any RW → RW) changes:
+//! - Detached → Attached: open the chain, create the export **paused**;
+//! - Attached → Activated: open the gate; Activated → Attached: complete in-flight I/O, flush,
+//!   close the gate;
+//! - RO ↔ RW: re-open the chain in the new mode behind a paused gate;
+//! - → Detached: remove the export.
+//!
+//! The dp states are persisted in the VDI's record (`VdiRecord::datapaths`), so a restarted
+//! agent re-creates its exports ([`Datapaths::restore`]). The manager is the engine's
+//! [`DatapathHooks`]: snapshot/clone pause the export around the leaf switch and resume it on
+//! the new leaf; `SR.detach` tears its datapaths down first.
+
+use super::chain::ChainBackend;
+use super::export::{Export, ExportOptions, Exports};
+use super::server::NbdServer;
+use crate::core::datapath::{CallFuture, DatapathHooks, HookFuture};
+use crate::core::error::{backend, Result};
+use crate::core::Storage;
+use interface::{
+    AttachInfo, BackendInfo, Call, DpStat, DpState, Implementation, Response, RoRw, StorageError,
+};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// An operation on one datapath (xapi's `Vdi_automaton.op`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// `VDI.attach*` read-only or read-write.
+    Attach(RoRw),
+    /// `VDI.activate*`.
+    Activate,
+    /// `VDI.deactivate`.
+    Deactivate,
+    /// `VDI.detach`.
+    Detach,
+}
+
+/// The state one dp reaches from `from` by `op`, or `Illegal_transition`. Repeating a call is
+/// a no-op; attaching RO then RW (or RW then RO) on one dp, activating a detached dp and
+/// detaching an activated dp are illegal.
+pub fn apply(from: DpState, op: Op) -> std::result::Result<DpState, StorageError> {
+    use DpState::*;
+    let illegal = |to| StorageError::IllegalTransition { from, to };
+    match (from, op) {
+        (Detached, Op::Attach(x)) => Ok(Attached(x)),
+        (Attached(x), Op::Attach(y)) if x == y => Ok(Attached(x)),
+        (Attached(_), Op::Attach(y)) => Err(illegal(Attached(y))),
+        (Activated(x), Op::Attach(y)) if x == y => Ok(Activated(x)),
+        (Activated(_), Op::Attach(y)) => Err(illegal(Attached(y))),
+        (Detached, Op::Activate) => Err(illegal(Activated(RoRw::RO))),
+        (Attached(x) | Activated(x), Op::Activate) => Ok(Activated(x)),
+        (Detached, Op::Deactivate) => Ok(Detached),
+        (Attached(x) | Activated(x), Op::Deactivate) => Ok(Attached(x)),
+        (Detached | Attached(_), Op::Detach) => Ok(Detached),
+        (Activated(_), Op::Detach) => Err(illegal(Detached)),
+    }
+}
+
+/// The VDI's overall state from its dps' states.
+pub fn superstate<'a>(states: impl IntoIterator<Item = &'a DpState>) -> DpState {
+    let mut any = false;
+    let mut active = false;
+    let mut rw = false;
+    for s in states {
+        match s {
+            DpState::Detached => {}
+            DpState::Attached(m) | DpState::Activated(m) => {
+                any = true;
+                active |= matches!(s, DpState::Activated(_));
+                rw |= *m == RoRw::RW;
+            }
+        }
+    }
+    let m = if rw { RoRw::RW } else { RoRw::RO };
+    match (any, active) {
+        (false, _) => DpState::Detached,
+        (true, false) => DpState::Attached(m),
+        (true, true) => DpState::Activated(m),
+    }
+}
+
+fn state_to_string(s: DpState) -> &'static str {
+    match s {
+        DpState::Detached => "detached",
+        DpState::Attached(RoRw::RO) => "attached-ro",
+        DpState::Attached(RoRw::RW) => "attached-rw",
+        DpState::Activated(RoRw::RO) => "activated-ro",
+        DpState::Activated(RoRw::RW) => "activated-rw",
+    }
+}
+
+fn state_from_string(s: &str) -> Option<DpState> {
+    Some(match s {
+        "detached" => DpState::Detached,
+        "attached-ro" => DpState::Attached(RoRw::RO),
+        "attached-rw" => DpState::Attached(RoRw::RW),
+        "activated-ro" => DpState::Activated(RoRw::RO),
+        "activated-rw" => DpState::Activated(RoRw::RW),
+        _ => return None,
+    })
+}
+
+fn rw_of(s: DpState) -> Option<RoRw> {
+    match s {
+        DpState::Detached => None,
+        DpState::Attached(m) | DpState::Activated(m) => Some(m),
+    }
+}
+
+type Key = (String, String);
+
+/// One VDI's datapaths and export.
+#[derive(Default)]
+struct VdiDps {
+    dps: BTreeMap<String, DpState>,
+    export: Option<Arc<Export>>,
+}
+
+/// The datapath layer of the agent: the NBD server, its exports, and every VDI's dp states.
+pub struct Datapaths {
+    socket: PathBuf,
+    exports: Exports,
+    vdis: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<VdiDps>>>>,
+    /// Live exports by VDI, readable without the per-VDI lock (hooks run under the engine's
+    /// VDI lock, which transitions take after the per-VDI lock: never wait for it there).
+    live: Mutex<HashMap<Key, (Arc<Export>, DpState)>>,
+}
+
+impl std::fmt::Debug for Datapaths {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapaths")
+            .field("socket", &self.socket)
+            .field("exports", &self.exports.names())
+            .finish()
+    }
+}
+
+fn export_name(sr: &str, vdi: &str) -> String {
+    format!("{sr}/{vdi}")
+}
+
+fn dp_error(what: &str, e: super::Error) -> StorageError {
+    backend(interface::codes::IO_ERROR, format!("datapath: {what}: {e}"))
+}
+
+impl Datapaths {
+    /// A datapath layer whose NBD server will listen on `socket` (see [`Self::listen`]).
+    pub fn new(socket: impl Into<PathBuf>) -> Arc<Self> {
+        Arc::new(Datapaths {
+            socket: socket.into(),
+            exports: Exports::new(),
+            vdis: Mutex::default(),
+            live: Mutex::default(),
+        })
+    }
+
+    /// The NBD socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The exports (for introspection and tests).
+    pub fn exports(&self) -> &Exports {
+        &self.exports
+    }
+
+    /// Binds the NBD socket (replacing a stale one) and serves it in a background task.
+    pub fn listen(&self) -> std::io::Result<tokio::task::JoinHandle<()>> {
+        use std::os::unix::fs::FileTypeExt;
+        if let Ok(m) = std::fs::symlink_metadata(&self.socket) {
+            if m.file_type().is_socket() {
+                std::fs::remove_file(&self.socket)?;
+            }
+        }
+        if let Some(d) = self.socket.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        let listener = tokio::net::UnixListener::bind(&self.socket)?;
+        let server = NbdServer::new(self.exports.clone());
+        tracing::info!(socket = %self.socket.display(), "NBD datapath listening");
+        Ok(tokio::spawn(async move {
+            if let Err(e) = server.serve_unix(listener).await {
+                tracing::error!(error = %e, "NBD listener stopped");
+            }
+        }))
+    }
+
+    /// The URI a client uses for the export of `vdi` of `sr`.
+    pub fn uri(&self, sr: &str, vdi: &str) -> String {
+        format!(
+            "nbd:unix:{}:exportname={}",
+            self.socket.display(),
+            export_name(sr, vdi)
+        )
+    }
+
+    fn entry(&self, sr: &str, vdi: &str) -> Arc<tokio::sync::Mutex<VdiDps>> {
+        self.vdis
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((sr.to_string(), vdi.to_string()))
+            .or_default()
+            .clone()
+    }
+
+    /// Applies `op` on `dp` of `vdi`, doing backend work if the superstate changes, and
+    /// persisting the new state.
+    pub async fn transition(
+        &self,
+        st: &Storage,
+        sr: &str,
+        vdi: &str,
+        dp: &str,
+        op: Op,
+    ) -> Result<()> {
+        let entry = self.entry(sr, vdi);
+        let mut g = entry.lock().await;
+        let old = g.dps.get(dp).copied().unwrap_or(DpState::Detached);
+        let new = apply(old, op)?;
+        if new == old {
+            return Ok(());
+        }
+        let mut dps = g.dps.clone();
+        if new == DpState::Detached {
+            dps.remove(dp);
+        } else {
+            dps.insert(dp.to_string(), new);
+        }
+        let from = superstate(g.dps.values());
+        let to = superstate(dps.values());
+        self.realise(st, sr, vdi, &mut g, from, to).await?;
+        let dp_s = dp.to_string();
+        st.vdi_set_datapaths(sr, vdi, move |m| {
+            if new == DpState::Detached {
+                m.remove(&dp_s);
+            } else {
+                m.insert(dp_s, state_to_string(new).to_string());
+            }
+        })
+        .await?;
+        g.dps = dps;
+        tracing::info!(sr, vdi, dp, from = ?old, to = ?new, superstate = ?to, "datapath transition");
+        Ok(())
+    }
+
+    /// Makes the backend match superstate `to` (from `from`).
+    async fn realise(
+        &self,
+        st: &Storage,
+        sr: &str,
+        vdi: &str,
+        g: &mut VdiDps,
+        from: DpState,
+        to: DpState,
+    ) -> Result<()> {
+        let key = (sr.to_string(), vdi.to_string());
+        if from == to {
+            return Ok(());
+        }
+        if to == DpState::Detached {
+            if let Some(e) = g.export.take() {
+                self.live
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&key);
+                self.exports.remove(e.name()).await;
+            }
+            return Ok(());
+        }
+        let rw = rw_of(to) == Some(RoRw::RW);
+        let export = match g.export.clone() {
+            None => {
+                let backend = self.open_chain(st, sr, vdi, rw).await?;
+                let e = self
+                    .exports
+                    .add(
+                        &export_name(sr, vdi),
+                        backend,
+                        ExportOptions {
+                            paused: true,
+                            read_only: false,
+                            description: Some(format!("VDI {vdi} of SR {sr}")),
+                        },
+                    )
+                    .map_err(|e| dp_error("creating the NBD export", e))?;
+                g.export = Some(e.clone());
+                e
+            }
+            Some(e) => {
+                if rw_of(from) != rw_of(to) {
+                    // RO <-> RW: re-open the chain in the new mode behind the paused gate.
+                    e.pause().await.map_err(|x| dp_error("pausing I/O", x))?;
+                    let backend = self.open_chain(st, sr, vdi, rw).await?;
+                    e.replace_backend(backend)
+                        .map_err(|x| dp_error("switching the chain", x))?;
+                }
+                e
+            }
+        };
+        match to {
+            DpState::Activated(m) => {
+                if !matches!(from, DpState::Activated(RoRw::RW)) && m == RoRw::RW {
+                    // xapi clears content_id when a VDI is activated read-write.
+                    st.vdi_set_content_id(sr, vdi, "").await?;
+                }
+                export.resume().await;
+            }
+            _ => export
+                .pause()
+                .await
+                .map_err(|x| dp_error("completing and flushing I/O", x))?,
+        }
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, (export, to));
+        Ok(())
+    }
+
+    async fn open_chain(
+        &self,
+        st: &Storage,
+        sr: &str,
+        vdi: &str,
+        rw: bool,
+    ) -> Result<Arc<dyn super::BlockBackend>> {
+        let (leaf, _) = st.vdi_chain(sr, vdi).await?;
+        open_leaf(leaf, rw).await
+    }
+
+    /// `VDI.attach2/3`: the backend implementations (the NBD URI; no kernel nbd device here).
+    pub async fn attach(
+        &self,
+        st: &Storage,
+        sr: &str,
+        vdi: &str,
+        dp: &str,
+        read_write: bool,
+    ) -> Result<BackendInfo> {
+        let m = if read_write { RoRw::RW } else { RoRw::RO };
+        self.transition(st, sr, vdi, dp, Op::Attach(m)).await?;
+        tracing::debug!(
+            sr,
+            vdi,
+            "no kernel nbd device is attached for blkback (NBD URI only)"
+        );
+        Ok(BackendInfo {
+            implementations: vec![Implementation::Nbd {
+                uri: self.uri(sr, vdi),
+            }],
+        })
+    }
+
+    /// `DP.stat_vdi`: each dp's state and the superstate.
+    pub async fn stat_vdi(&self, sr: &str, vdi: &str) -> DpStat {
+        let entry = self.entry(sr, vdi);
+        let g = entry.lock().await;
+        DpStat {
+            superstate: superstate(g.dps.values()),
+            dps: g.dps.clone(),
+        }
+    }
+
+    /// `DP.destroy`: deactivates and detaches `dp` from every VDI. With `allow_leak`, failures
+    /// are logged and the dp forgotten anyway.
+    pub async fn dp_destroy(&self, st: &Storage, dp: &str, allow_leak: bool) -> Result<()> {
+        let keys: Vec<Key> = self
+            .vdis
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        for (sr, vdi) in keys {
+            let has = self.entry(&sr, &vdi).lock().await.dps.contains_key(dp);
+            if !has {
+                continue;
+            }
+            for op in [Op::Deactivate, Op::Detach] {
+                if let Err(e) = self.transition(st, &sr, &vdi, dp, op).await {
+                    if !allow_leak {
+                        return Err(e);
+                    }
+                    tracing::warn!(sr, vdi, dp, error = %e, "DP.destroy: leaking");
+                    self.entry(&sr, &vdi).lock().await.dps.remove(dp);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Tears down every datapath of `sr` (before `SR.detach`).
+    pub async fn teardown_sr(&self, sr: &str) -> Result<()> {
+        let keys: Vec<Key> = self
+            .vdis
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .filter(|(s, _)| s == sr)
+            .cloned()
+            .collect();
+        for key in keys {
+            let entry = self.entry(&key.0, &key.1);
+            let mut g = entry.lock().await;
+            if let Some(e) = g.export.take() {
+                self.live
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&key);
+                self.exports.remove(e.name()).await;
+            }
+            // The persisted states stay: re-attaching the SR (or restarting) restores them.
+            g.dps.clear();
+        }
+        Ok(())
+    }
+
+    /// Re-creates the exports of every attached SR's VDIs from their persisted dp states
+    /// (after an agent restart).
+    pub async fn restore(&self, st: &Storage) -> Result<()> {
+        for sr in st.attached_srs() {
+            self.restore_sr(st, sr.as_str()).await?;
+        }
+        Ok(())
+    }
+
+    /// Re-creates the exports of one SR's VDIs from their persisted dp states.
+    pub async fn restore_sr(&self, st: &Storage, sr: &str) -> Result<()> {
+        for v in st.sr_scan(sr).await? {
+            let r = &v.record;
+            if r.datapaths.is_empty() {
+                continue;
+            }
+            let dps: BTreeMap<String, DpState> = r
+                .datapaths
+                .iter()
+                .filter_map(|(dp, s)| state_from_string(s).map(|s| (dp.clone(), s)))
+                .collect();
+            let entry = self.entry(sr, &r.uuid);
+            let mut g = entry.lock().await;
+            if g.export.is_some() {
+                continue;
+            }
+            let to = superstate(dps.values());
+            self.realise(st, sr, &r.uuid, &mut g, DpState::Detached, to)
+                .await?;
+            g.dps = dps;
+            tracing::info!(sr, vdi = %r.uuid, superstate = ?to, "datapath restored");
+        }
+        Ok(())
+    }
+
+    async fn handle(&self, st: &Storage, call: Call) -> interface::Reply {
+        let unit = |r: Result<()>| r.map(|()| Response::Unit);
+        match call {
+            Call::VdiAttach {
+                dp,
+                sr,
+                vdi,
+                read_write,
+                ..
+            } => {
+                let b = self
+                    .attach(st, sr.as_str(), vdi.as_str(), dp.as_str(), read_write)
+                    .await?;
+                let uri = match b.implementations.first() {
+                    Some(Implementation::Nbd { uri }) => uri.clone(),
+                    _ => String::new(),
+                };
+                Ok(Response::AttachInfo(AttachInfo {
+                    params: uri,
+                    o_direct: false,
+                    o_direct_reason: "served over NBD by the agent".into(),
+                    xenstore_data: Default::default(),
+                }))
+            }
+            Call::VdiAttach2 {
+                dp,
+                sr,
+                vdi,
+                read_write,
+                ..
+            }
+            | Call::VdiAttach3 {
+                dp,
+                sr,
+                vdi,
+                read_write,
+                ..
+            } => self
+                .attach(st, sr.as_str(), vdi.as_str(), dp.as_str(), read_write)
+                .await
+                .map(Response::Backend),
+            Call::VdiActivate { dp, sr, vdi, .. }
+            | Call::VdiActivate3 { dp, sr, vdi, .. }
+            | Call::VdiActivateReadonly { dp, sr, vdi, .. } => unit(
+                self.transition(st, sr.as_str(), vdi.as_str(), dp.as_str(), Op::Activate)
+                    .await,
+            ),
+            Call::VdiDeactivate { dp, sr, vdi, .. } => unit(
+                self.transition(st, sr.as_str(), vdi.as_str(), dp.as_str(), Op::Deactivate)
+                    .await,
+            ),
+            Call::VdiDetach { dp, sr, vdi, .. } => unit(
+                self.transition(st, sr.as_str(), vdi.as_str(), dp.as_str(), Op::Detach)
+                    .await,
+            ),
+            Call::DpDestroy { dp, allow_leak, .. } => {
+                unit(self.dp_destroy(st, dp.as_str(), allow_leak).await)
+            }
+            Call::DpStatVdi { sr, vdi, .. } => Ok(Response::DpStat(
+                self.stat_vdi(sr.as_str(), vdi.as_str()).await,
+            )),
+            other => Err(StorageError::Unimplemented(other.method().to_string())),
+        }
+    }
+}
+
+async fn open_leaf(leaf: PathBuf, rw: bool) -> Result<Arc<dyn super::BlockBackend>> {
+    let root = leaf
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("/"));
+    let l2 = leaf.clone();
+    let b = tokio::task::spawn_blocking(move || ChainBackend::open(&l2, &root, rw))
+        .await
+        .map_err(|e| backend(interface::codes::IO_ERROR, format!("open task: {e}")))?
+        .map_err(|e| dp_error(&format!("opening the chain of {}", leaf.display()), e))?;
+    Ok(Arc::new(b))
+}
+
+impl DatapathHooks for Datapaths {
+    fn is_attached(&self, sr: &str, vdi: &str) -> bool {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&(sr.to_string(), vdi.to_string()))
+    }
+
+    fn before_leaf_change<'a>(&'a self, sr: &'a str, vdi: &'a str) -> HookFuture<'a> {
+        Box::pin(async move {
+            let live = self
+                .live
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&(sr.to_string(), vdi.to_string()))
+                .cloned();
+            if let Some((e, _)) = live {
+                e.pause()
+                    .await
+                    .map_err(|x| dp_error("pausing I/O for the leaf switch", x))?;
+            }
+            Ok(())
+        })
+    }
+
+    fn after_leaf_change<'a>(&'a self, sr: &'a str, vdi: &'a str, leaf: PathBuf) -> HookFuture<'a> {
+        Box::pin(async move {
+            let live = self
+                .live
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&(sr.to_string(), vdi.to_string()))
+                .cloned();
+            if let Some((e, state)) = live {
+                let rw = rw_of(state) == Some(RoRw::RW);
+                let b = open_leaf(leaf, rw).await?;
+                e.replace_backend(b)
+                    .map_err(|x| dp_error("switching the export to the new leaf", x))?;
+                if matches!(state, DpState::Activated(_)) {
+                    e.resume().await;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn before_sr_detach<'a>(&'a self, sr: &'a str) -> HookFuture<'a> {
+        Box::pin(self.teardown_sr(sr))
+    }
+
+    fn call<'a>(&'a self, storage: &'a Storage, call: Call) -> CallFuture<'a> {
+        Box::pin(self.handle(storage, call))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use DpState::*;
+    use RoRw::*;
+
+    use crate::core::{StorageConfig, VdiCreate, VdiDerive};
+    use crate::datapath::proto;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::UnixStream;
+
+    const SR: &str = "11111111-2222-3333-4444-555555555555";
+
+    /// A minimal NBD client: fixed newstyle, NBD_OPT_GO, simple replies.
+    async fn nbd_connect(sock: &Path, name: &str) -> UnixStream {
+        let mut s = UnixStream::connect(sock).await.unwrap();
+        let mut g = [0u8; 18];
+        s.read_exact(&mut g).await.unwrap();
+        s.write_all(&3u32.to_be_bytes()).await.unwrap();
+        let mut m = proto::IHAVEOPT.to_be_bytes().to_vec();
+        m.extend_from_slice(&proto::OPT_GO.to_be_bytes());
+        m.extend_from_slice(&(4 + name.len() as u32 + 2).to_be_bytes());
+        m.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        m.extend_from_slice(name.as_bytes());
+        m.extend_from_slice(&0u16.to_be_bytes());
+        s.write_all(&m).await.unwrap();
+        loop {
+            let mut h = [0u8; 20];
+            s.read_exact(&mut h).await.unwrap();
+            let kind = proto::be32(&h[12..]);
+            let mut d = vec![0u8; proto::be32(&h[16..]) as usize];
+            s.read_exact(&mut d).await.unwrap();
+            assert!(
+                kind == proto::REP_ACK || kind == proto::REP_INFO,
+                "GO: {kind:#x}"
+            );
+            if kind == proto::REP_ACK {
+                return s;
+            }
+        }
+    }
+
+    /// One request; returns (error, data).
+    async fn nbd_io(
+        s: &mut UnixStream,
+        kind: u16,
+        offset: u64,
+        data: &[u8],
+        len: u32,
+    ) -> (u32, Vec<u8>) {
+        let req = proto::Request {
+            flags: 0,
+            kind,
+            cookie: 9,
+            offset,
+            length: u64::from(len),
+        };
+        let mut m = proto::encode_request(&req, false);
+        m.extend_from_slice(data);
+        s.write_all(&m).await.unwrap();
+        let mut h = [0u8; 16];
+        s.read_exact(&mut h).await.unwrap();
+        let err = proto::be32(&h[4..]);
+        let mut d = vec![];
+        if err == 0 && kind == proto::CMD_READ {
+            d = vec![0u8; len as usize];
+            s.read_exact(&mut d).await.unwrap();
+        }
+        (err, d)
+    }
+
+    struct Env {
+        _dir: tempfile::TempDir,
+        data: PathBuf,
+        sock: PathBuf,
+    }
+
+    impl Env {
+        fn new() -> Env {
+            let dir = tempfile::tempdir().unwrap();
+            Env {
+                data: dir.path().join("data"),
+                sock: dir.path().join("nbd.sock"),
+                _dir: dir,
+            }
+        }
+        async fn start(&self) -> (Arc<Storage>, Arc<Datapaths>) {
+            let mut st = Storage::new(StorageConfig::new(&self.data));
+            let dps = Datapaths::new(&self.sock);
+            dps.listen().unwrap();
+            st.set_datapath_hooks(dps.clone());
+            let st = Arc::new(st);
+            if st.sr_attach(SR, &BTreeMap::new()).await.is_err() {
+                st.sr_create(SR, "sr", "", &BTreeMap::new()).await.unwrap();
+                st.sr_attach(SR, &BTreeMap::new()).await.unwrap();
+            }
+            dps.restore(&st).await.unwrap();
+            (st, dps)
+        }
+    }
+
+    async fn new_vdi(st: &Storage) -> String {
+        let v = st
+            .vdi_create(
+                SR,
+                VdiCreate {
+                    name_label: "d".into(),
+                    virtual_size: 8 << 20,
+                    persistent: true,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        v.record.uuid
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn attach_pauses_io_until_activate_and_deactivate_flushes_to_the_file() {
+        let env = Env::new();
+        let (st, dps) = env.start().await;
+        let vdi = new_vdi(&st).await;
+        let b = dps.attach(&st, SR, &vdi, "dp1", true).await.unwrap();
+        let uri = match &b.implementations[0] {
+            Implementation::Nbd { uri } => uri.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            uri,
+            format!("nbd:unix:{}:exportname={SR}/{vdi}", env.sock.display())
+        );
+        let mut c = nbd_connect(&env.sock, &export_name(SR, &vdi)).await;
+        let w = tokio::spawn(async move {
+            let r = nbd_io(&mut c, proto::CMD_WRITE, 4096, &[0xab; 4096], 4096).await;
+            (c, r)
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(!w.is_finished(), "a write went through before activate");
+        dps.transition(&st, SR, &vdi, "dp1", Op::Activate)
+            .await
+            .unwrap();
+        let (mut c, (err, _)) = w.await.unwrap();
+        assert_eq!(err, 0);
+        dps.transition(&st, SR, &vdi, "dp1", Op::Deactivate)
+            .await
+            .unwrap();
+        // Flushed: the file, opened independently, holds the write.
+        let (leaf, _) = st.vdi_chain(SR, &vdi).await.unwrap();
+        let ch = vhd::Chain::open(&leaf, &vhd::ChainOptions::new(leaf.parent().unwrap())).unwrap();
+        let mut buf = vec![0u8; 4096];
+        ch.read_at(&mut buf, 4096).unwrap();
+        assert_eq!(buf, vec![0xab; 4096]);
+        // Reads wait again while deactivated.
+        let r = tokio::spawn(async move { nbd_io(&mut c, proto::CMD_READ, 4096, &[], 16).await });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!r.is_finished());
+        dps.transition(&st, SR, &vdi, "dp1", Op::Activate)
+            .await
+            .unwrap();
+        assert_eq!(r.await.unwrap(), (0, vec![0xab; 16]));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn read_only_datapath_refuses_writes_with_eperm() {
+        let env = Env::new();
+        let (st, dps) = env.start().await;
+        let vdi = new_vdi(&st).await;
+        dps.attach(&st, SR, &vdi, "dp", false).await.unwrap();
+        dps.transition(&st, SR, &vdi, "dp", Op::Activate)
+            .await
+            .unwrap();
+        let mut c = nbd_connect(&env.sock, &export_name(SR, &vdi)).await;
+        assert_eq!(
+            nbd_io(&mut c, proto::CMD_WRITE, 0, &[1; 512], 512).await.0,
+            proto::errno::EPERM
+        );
+        assert_eq!(
+            nbd_io(&mut c, proto::CMD_READ, 0, &[], 512).await,
+            (0, vec![0; 512])
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_through_the_engine_follow_the_automaton_and_are_persisted() {
+        let env = Env::new();
+        let (st, dps) = env.start().await;
+        let vdi = new_vdi(&st).await;
+        let call = |j: serde_json::Value| -> Call { serde_json::from_value(j).unwrap() };
+        let attach = |dp: &str, rw: bool| {
+            call(
+                serde_json::json!({"VDI.attach2": {"dp": dp, "sr": SR, "vdi": vdi, "read_write": rw}}),
+            )
+        };
+        let r = st.handle(attach("a", false)).await;
+        assert!(matches!(r, Ok(Response::Backend(_))), "{r:?}");
+        assert!(matches!(
+            st.handle(attach("a", false)).await,
+            Ok(Response::Backend(_))
+        ));
+        assert!(matches!(
+            st.handle(attach("a", true)).await,
+            Err(StorageError::IllegalTransition { .. })
+        ));
+        assert!(matches!(
+            st.handle(attach("b", true)).await,
+            Ok(Response::Backend(_))
+        ));
+        let act =
+            |dp: &str| call(serde_json::json!({"VDI.activate3": {"dp": dp, "sr": SR, "vdi": vdi}}));
+        assert!(st.handle(act("b")).await.is_ok());
+        assert!(st.handle(act("a")).await.is_ok());
+        let stat = st
+            .handle(call(
+                serde_json::json!({"DP.stat_vdi": {"sr": SR, "vdi": vdi}}),
+            ))
+            .await
+            .unwrap();
+        let Response::DpStat(stat) = stat else {
+            panic!("{stat:?}")
+        };
+        assert_eq!(stat.superstate, DpState::Activated(RoRw::RW));
+        assert_eq!(stat.dps.len(), 2);
+        let detach =
+            |dp: &str| call(serde_json::json!({"VDI.detach": {"dp": dp, "sr": SR, "vdi": vdi}}));
+        assert!(matches!(
+            st.handle(detach("b")).await,
+            Err(StorageError::IllegalTransition { .. })
+        ));
+        // Destroy is refused while attached.
+        assert!(st.vdi_destroy(SR, &vdi).await.is_err());
+        let rec = st.vdi_stat(SR, &vdi).await.unwrap().record;
+        assert_eq!(
+            rec.datapaths.get("a").map(String::as_str),
+            Some("activated-ro")
+        );
+        assert_eq!(
+            rec.datapaths.get("b").map(String::as_str),
+            Some("activated-rw")
+        );
+        st.handle(call(
+            serde_json::json!({"DP.destroy": {"dp": "b", "allow_leak": false}}),
+        ))
+        .await
+        .unwrap();
+        let stat = dps.stat_vdi(SR, &vdi).await;
+        assert_eq!(stat.superstate, DpState::Activated(RoRw::RO));
+        assert!(!st
+            .vdi_stat(SR, &vdi)
+            .await
+            .unwrap()
+            .record
+            .datapaths
+            .contains_key("b"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn restarted_agent_re_exports_activated_datapaths_with_data_intact() {
+        let env = Env::new();
+        let vdi;
+        {
+            let (st, dps) = env.start().await;
+            vdi = new_vdi(&st).await;
+            dps.attach(&st, SR, &vdi, "dp", true).await.unwrap();
+            dps.transition(&st, SR, &vdi, "dp", Op::Activate)
+                .await
+                .unwrap();
+            let mut c = nbd_connect(&env.sock, &export_name(SR, &vdi)).await;
+            assert_eq!(
+                nbd_io(&mut c, proto::CMD_WRITE, 0, &[7; 4096], 4096)
+                    .await
+                    .0,
+                0
+            );
+            assert_eq!(nbd_io(&mut c, proto::CMD_FLUSH, 0, &[], 0).await.0, 0);
+            st.sr_detach(SR).await.unwrap();
+            assert!(dps.exports().names().is_empty(), "SR.detach left exports");
+        }
+        let (st, dps) = env.start().await;
+        assert_eq!(
+            dps.stat_vdi(SR, &vdi).await.superstate,
+            DpState::Activated(RoRw::RW)
+        );
+        let mut c = nbd_connect(&env.sock, &export_name(SR, &vdi)).await;
+        assert_eq!(
+            nbd_io(&mut c, proto::CMD_READ, 0, &[], 4096).await,
+            (0, vec![7; 4096])
+        );
+        dps.transition(&st, SR, &vdi, "dp", Op::Deactivate)
+            .await
+            .unwrap();
+        dps.transition(&st, SR, &vdi, "dp", Op::Detach)
+            .await
+            .unwrap();
+        assert!(st.vdi_destroy(SR, &vdi).await.is_ok());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn snapshot_of_an_activated_vdi_never_fails_a_request() {
+        let env = Env::new();
+        let (st, dps) = env.start().await;
+        let vdi = new_vdi(&st).await;
+        dps.attach(&st, SR, &vdi, "dp", true).await.unwrap();
+        dps.transition(&st, SR, &vdi, "dp", Op::Activate)
+            .await
+            .unwrap();
+        let mut c = nbd_connect(&env.sock, &export_name(SR, &vdi)).await;
+        assert_eq!(
+            nbd_io(&mut c, proto::CMD_WRITE, 0, &[1; 4096], 4096)
+                .await
+                .0,
+            0
+        );
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let io = tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+                assert_eq!(
+                    nbd_io(&mut c, proto::CMD_READ, 0, &[], 4096).await,
+                    (0, vec![1; 4096])
+                );
+                assert_eq!(
+                    nbd_io(&mut c, proto::CMD_WRITE, 8192, &[2; 4096], 4096)
+                        .await
+                        .0,
+                    0
+                );
+                n += 1;
+            }
+            (c, n)
+        });
+        let snap = st
+            .vdi_snapshot(SR, &vdi, VdiDerive::default(), false)
+            .await
+            .unwrap();
+        let clone = st
+            .vdi_snapshot(SR, &vdi, VdiDerive::default(), true)
+            .await
+            .unwrap();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (mut c, n) = io.await.unwrap();
+        assert!(n > 0);
+        // After the switch, writes go to the VDI's new leaf, not into the snapshot.
+        assert_eq!(
+            nbd_io(&mut c, proto::CMD_WRITE, 0, &[3; 4096], 4096)
+                .await
+                .0,
+            0
+        );
+        assert_eq!(nbd_io(&mut c, proto::CMD_FLUSH, 0, &[], 0).await.0, 0);
+        let (sleaf, _) = st.vdi_chain(SR, &snap.record.uuid).await.unwrap();
+        let ch =
+            vhd::Chain::open(&sleaf, &vhd::ChainOptions::new(sleaf.parent().unwrap())).unwrap();
+        let mut buf = vec![0u8; 4096];
+        ch.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, vec![1; 4096]);
+        assert!(!clone.record.uuid.is_empty());
+        assert_eq!(
+            nbd_io(&mut c, proto::CMD_READ, 0, &[], 4096).await,
+            (0, vec![3; 4096])
+        );
+    }
+
+    #[test]
+    fn automaton_allows_repeats_and_refuses_mode_changes_and_detach_while_active() {
+        assert_eq!(apply(Detached, Op::Attach(RO)), Ok(Attached(RO)));
+        assert_eq!(apply(Attached(RO), Op::Attach(RO)), Ok(Attached(RO)));
+        assert!(matches!(
+            apply(Attached(RO), Op::Attach(RW)),
+            Err(StorageError::IllegalTransition { .. })
+        ));
+        assert!(apply(Attached(RW), Op::Attach(RO)).is_err());
+        assert!(apply(Activated(RW), Op::Attach(RO)).is_err());
+        assert_eq!(apply(Activated(RW), Op::Attach(RW)), Ok(Activated(RW)));
+        assert!(apply(Detached, Op::Activate).is_err());
+        assert_eq!(apply(Attached(RW), Op::Activate), Ok(Activated(RW)));
+        assert_eq!(apply(Activated(RW), Op::Activate), Ok(Activated(RW)));
+        assert_eq!(apply(Activated(RO), Op::Deactivate), Ok(Attached(RO)));
+        assert_eq!(apply(Attached(RO), Op::Deactivate), Ok(Attached(RO)));
+        assert_eq!(apply(Detached, Op::Deactivate), Ok(Detached));
+        assert_eq!(
+            apply(Activated(RW), Op::Detach),
+            Err(StorageError::IllegalTransition {
+                from: Activated(RW),
+                to: Detached
+            })
+        );
+        assert_eq!(apply(Attached(RW), Op::Detach), Ok(Detached));
+        assert_eq!(apply(Detached, Op::Detach), Ok(Detached));
+    }
+
+    #[test]
+    fn superstate_is_activated_if_any_and_rw_if_any() {
+        assert_eq!(superstate(&[]), Detached);
+        assert_eq!(superstate(&[Attached(RO), Detached]), Attached(RO));
+        assert_eq!(superstate(&[Attached(RO), Attached(RW)]), Attached(RW));
+        assert_eq!(superstate(&[Attached(RW), Activated(RO)]), Activated(RW));
+        assert_eq!(superstate(&[Activated(RO)]), Activated(RO));
+    }
+
+    #[test]
+    fn persisted_state_names_round_trip() {
+        for s in [
+            Detached,
+            Attached(RO),
+            Attached(RW),
+            Activated(RO),
+            Activated(RW),
+        ] {
+            assert_eq!(state_from_string(state_to_string(s)), Some(s));
+        }
+        assert_eq!(state_from_string("bogus"), None);
+    }
+}
