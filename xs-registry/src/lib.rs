@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod registry;
+pub mod rendezvous;
 pub mod server;
 pub mod store;
 pub mod wire;

@@ -352,7 +352,6 @@ impl Inner {
         events: &mut Vec<Event>,
         initial: &mut Option<Vec<u8>>,
     ) -> Result<Vec<u8>, XsErrno> {
-        let tx = req.tx_id;
         let a = &req.args;
         let arg = |i: usize| a.get(i).map(Vec::as_slice).ok_or(XsErrno::EINVAL);
         let nargs = |n: usize| {
@@ -363,78 +362,12 @@ impl Inner {
             }
         };
         let path = |allow_special| canonicalize(dom, arg(0)?, allow_special);
+        if let Some(r) = apply_node_op(&mut st.store, cid, dom, &req, events) {
+            return r;
+        }
         let ok = || b"OK\0".to_vec();
         let s = &mut st.store;
         match req.ty {
-            MsgType::Read => {
-                nargs(1)?;
-                s.read(cid, dom, tx, &path(false)?)
-            }
-            MsgType::Write => {
-                nargs(2)?;
-                *events = s.write(cid, dom, tx, &path(false)?, arg(1)?)?;
-                Ok(ok())
-            }
-            MsgType::Mkdir => {
-                nargs(1)?;
-                *events = s.mkdir(cid, dom, tx, &path(false)?)?;
-                Ok(ok())
-            }
-            MsgType::Rm => {
-                nargs(1)?;
-                *events = s.rm(cid, dom, tx, &path(false)?)?;
-                Ok(ok())
-            }
-            MsgType::Directory => {
-                nargs(1)?;
-                let out = nul_list(&s.directory(cid, dom, tx, &path(false)?)?);
-                if out.len() > PAYLOAD_MAX {
-                    return Err(XsErrno::E2BIG);
-                }
-                Ok(out)
-            }
-            MsgType::DirectoryPart => {
-                nargs(2)?;
-                let off: usize = parse_num(arg(1)?)?;
-                let (gen, children) = s.directory_gen(cid, dom, tx, &path(false)?)?;
-                let all = nul_list(&children);
-                if off > all.len() {
-                    return Err(XsErrno::EINVAL);
-                }
-                let mut out = format!("{gen}\0").into_bytes();
-                let room = PAYLOAD_MAX - out.len() - 1;
-                let rest = &all[off..];
-                if rest.len() <= room {
-                    out.extend_from_slice(rest);
-                    out.push(0);
-                } else {
-                    // Whole names only.
-                    let cut = rest[..room]
-                        .iter()
-                        .rposition(|&c| c == 0)
-                        .map_or(0, |i| i + 1);
-                    out.extend_from_slice(&rest[..cut]);
-                }
-                Ok(out)
-            }
-            MsgType::GetPerms => {
-                nargs(1)?;
-                let perms = s.get_perms(cid, dom, tx, &path(true)?)?;
-                Ok(nul_list(
-                    &perms.iter().map(Perm::to_wire).collect::<Vec<_>>(),
-                ))
-            }
-            MsgType::SetPerms => {
-                if a.len() < 2 {
-                    return Err(XsErrno::EINVAL);
-                }
-                let perms = a[1..]
-                    .iter()
-                    .map(|p| Perm::parse(p).ok_or(XsErrno::EINVAL))
-                    .collect::<Result<Vec<_>, _>>()?;
-                *events = s.set_perms(cid, dom, tx, &path(true)?, perms)?;
-                Ok(ok())
-            }
             MsgType::Watch => {
                 nargs(2)?;
                 let abs = path(true)?;
@@ -482,22 +415,16 @@ impl Inner {
                 }
                 Ok(ok())
             }
-            MsgType::TransactionStart => {
-                if tx != 0 {
-                    return Err(XsErrno::EBUSY);
-                }
-                Ok(format!("{}\0", s.tx_start(cid)?).into_bytes())
-            }
-            MsgType::TransactionEnd => {
-                nargs(1)?;
-                let commit = match arg(0)? {
-                    b"T" => true,
-                    b"F" => false,
-                    _ => return Err(XsErrno::EINVAL),
-                };
-                *events = s.tx_end(cid, tx, commit)?;
-                Ok(ok())
-            }
+            MsgType::Read
+            | MsgType::Write
+            | MsgType::Mkdir
+            | MsgType::Rm
+            | MsgType::Directory
+            | MsgType::DirectoryPart
+            | MsgType::GetPerms
+            | MsgType::SetPerms
+            | MsgType::TransactionStart
+            | MsgType::TransactionEnd => Err(XsErrno::EINVAL),
             MsgType::GetDomainPath => {
                 nargs(1)?;
                 let d = DomId(parse_num(arg(0)?)?);
@@ -550,6 +477,132 @@ impl Inner {
             MsgType::SetTarget | MsgType::Control => Err(XsErrno::ENOSYS),
             MsgType::WatchEvent | MsgType::Error => Err(XsErrno::EINVAL),
         }
+    }
+}
+
+/// Executes the requests that only touch the store (READ, WRITE, MKDIR, RM, DIRECTORY,
+/// DIRECTORY_PART, GET_PERMS, SET_PERMS, TRANSACTION_START/END) for connection `cid` acting as
+/// `dom`: the reply payload or error, with the events to deliver in `events`. `None` for
+/// every other request type. Public so the wire fuzz target drives the same code as the server.
+pub fn apply_node_op(
+    s: &mut Store,
+    cid: ConnId,
+    dom: DomId,
+    req: &Request,
+    events: &mut Vec<Event>,
+) -> Option<Result<Vec<u8>, XsErrno>> {
+    let tx = req.tx_id;
+    let a = &req.args;
+    let arg = |i: usize| a.get(i).map(Vec::as_slice).ok_or(XsErrno::EINVAL);
+    let nargs = |n: usize| {
+        if a.len() == n {
+            Ok(())
+        } else {
+            Err(XsErrno::EINVAL)
+        }
+    };
+    let path = |allow_special| canonicalize(dom, arg(0)?, allow_special);
+    let ok = || b"OK\0".to_vec();
+    let r = (|| match req.ty {
+        MsgType::Read => {
+            nargs(1)?;
+            s.read(cid, dom, tx, &path(false)?)
+        }
+        MsgType::Write => {
+            nargs(2)?;
+            *events = s.write(cid, dom, tx, &path(false)?, arg(1)?)?;
+            Ok(ok())
+        }
+        MsgType::Mkdir => {
+            nargs(1)?;
+            *events = s.mkdir(cid, dom, tx, &path(false)?)?;
+            Ok(ok())
+        }
+        MsgType::Rm => {
+            nargs(1)?;
+            *events = s.rm(cid, dom, tx, &path(false)?)?;
+            Ok(ok())
+        }
+        MsgType::Directory => {
+            nargs(1)?;
+            let out = nul_list(&s.directory(cid, dom, tx, &path(false)?)?);
+            if out.len() > PAYLOAD_MAX {
+                return Err(XsErrno::E2BIG);
+            }
+            Ok(out)
+        }
+        MsgType::DirectoryPart => {
+            nargs(2)?;
+            let off: usize = parse_num(arg(1)?)?;
+            let (gen, children) = s.directory_gen(cid, dom, tx, &path(false)?)?;
+            let all = nul_list(&children);
+            if off > all.len() {
+                return Err(XsErrno::EINVAL);
+            }
+            let mut out = format!("{gen}\0").into_bytes();
+            let room = PAYLOAD_MAX - out.len() - 1;
+            let rest = &all[off..];
+            if rest.len() <= room {
+                out.extend_from_slice(rest);
+                out.push(0);
+            } else {
+                // Whole names only.
+                let cut = rest[..room]
+                    .iter()
+                    .rposition(|&c| c == 0)
+                    .map_or(0, |i| i + 1);
+                out.extend_from_slice(&rest[..cut]);
+            }
+            Ok(out)
+        }
+        MsgType::GetPerms => {
+            nargs(1)?;
+            let perms = s.get_perms(cid, dom, tx, &path(true)?)?;
+            Ok(nul_list(
+                &perms.iter().map(Perm::to_wire).collect::<Vec<_>>(),
+            ))
+        }
+        MsgType::SetPerms => {
+            if a.len() < 2 {
+                return Err(XsErrno::EINVAL);
+            }
+            let perms = a[1..]
+                .iter()
+                .map(|p| Perm::parse(p).ok_or(XsErrno::EINVAL))
+                .collect::<Result<Vec<_>, _>>()?;
+            *events = s.set_perms(cid, dom, tx, &path(true)?, perms)?;
+            Ok(ok())
+        }
+        MsgType::TransactionStart => {
+            if tx != 0 {
+                return Err(XsErrno::EBUSY);
+            }
+            Ok(format!("{}\0", s.tx_start(cid)?).into_bytes())
+        }
+        MsgType::TransactionEnd => {
+            nargs(1)?;
+            let commit = match arg(0)? {
+                b"T" => true,
+                b"F" => false,
+                _ => return Err(XsErrno::EINVAL),
+            };
+            *events = s.tx_end(cid, tx, commit)?;
+            Ok(ok())
+        }
+        _ => Err(XsErrno::ENOSYS),
+    })();
+    match req.ty {
+        MsgType::Read
+        | MsgType::Write
+        | MsgType::Mkdir
+        | MsgType::Rm
+        | MsgType::Directory
+        | MsgType::DirectoryPart
+        | MsgType::GetPerms
+        | MsgType::SetPerms
+        | MsgType::TransactionStart
+        | MsgType::TransactionEnd => Some(r),
+        _ => None,
     }
 }
 

@@ -365,3 +365,43 @@ async fn hundred_agents_register_concurrently() {
         .unwrap();
     assert_eq!(pick.domid, best.domid);
 }
+
+#[tokio::test]
+async fn vchan_rendezvous_is_readable_by_the_client_domain_only() {
+    use ddstor_xs_registry::rendezvous::XsRendezvous;
+    use transport::vchan::{DomId as TDom, EvtchnPort, GrantRef, Rendezvous};
+    let env = Env::new();
+    let server = XsRendezvous::new(env.domain(5).await);
+    let client = XsRendezvous::new(env.domain(7).await);
+    let other = XsRendezvous::new(env.domain(9).await);
+    server
+        .publish(TDom(5), TDom(7), "ddstor", GrantRef(8), EvtchnPort(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        client.read(TDom(5), TDom(7), "ddstor").await.unwrap(),
+        (GrantRef(8), EvtchnPort(10))
+    );
+    assert!(other.read(TDom(5), TDom(7), "ddstor").await.is_err());
+    let d0 = env.dom0().await;
+    let p = "/local/domain/5/data/vchan/7/ddstor/ring-ref";
+    assert_eq!(
+        d0.get_perms(p).await.unwrap(),
+        vec![
+            Perm {
+                dom: DomId(5),
+                bits: 0
+            },
+            Perm {
+                dom: DomId(7),
+                bits: ddstor_xs_registry::store::PERM_READ
+            }
+        ]
+    );
+    // A hostile value is an error, not a panic.
+    d0.write(p, "not-a-number").await.unwrap();
+    assert!(client.read(TDom(5), TDom(7), "ddstor").await.is_err());
+    server.remove(TDom(5), TDom(7), "ddstor").await.unwrap();
+    assert!(client.read(TDom(5), TDom(7), "ddstor").await.is_err());
+    server.remove(TDom(5), TDom(7), "ddstor").await.unwrap();
+}
