@@ -20,3 +20,12 @@ wait_for() {
 
 # bench NAME VALUE UNIT: one measured figure
 bench() { echo "XENVM-BENCH $1 $2 $3"; }
+
+# Settings passed from the host (XENVM_* variables of run-tests.sh's environment).
+[ -f /xenvm/env ] && . /xenvm/env
+
+# now_ms: milliseconds since boot
+now_ms() { awk '{printf "%d", $1 * 1000}' /proc/uptime; }
+
+# wait_grep SECONDS PATTERN FILE: wait until FILE has a line matching PATTERN
+wait_grep() { wait_for "$1" grep -q -- "$2" "$3"; }
