@@ -234,7 +234,7 @@ boot() {
   local tb=$SECONDS
   QEMU_MODULE_DIR=$XROOT/usr/lib/x86_64-linux-gnu/qemu \
     timeout --foreground "${XENVM_TIMEOUT:-900}" "$QEMU" -L "$XROOT/usr/share/qemu" -L "$XROOT/usr/share/seabios" \
-    -accel tcg -cpu max -m 3072 -smp "${XENVM_SMP:-1}" -nographic -no-reboot -vga none -nic none \
+    -accel tcg -cpu "${XENVM_CPU:-max,xsave=off}" -m 3072 -smp "${XENVM_SMP:-1}" -nographic -no-reboot -vga none -nic none \
     -kernel "$WORK/xen" \
     -append "console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M loglvl=warning guest_loglvl=warning smap=0 ${XENVM_XEN_ARGS:-}" \
     -initrd "$VMLINUZ console=hvc0 loglevel=4,$WORK/dom0.img" \
