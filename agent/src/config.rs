@@ -46,7 +46,8 @@ clients = [0]
 [xenstore]
 # Register the agent in xenstore (/local/domain/<domid>/data/ddstor/). Flag: --xenstore on|off.
 enabled = false
-# xenstored's unix socket; empty = $XENSTORED_PATH, else /run/xenstored/socket.
+# xenstored's unix socket, or a xenbus device (a char device, e.g. /dev/xen/xenbus in a guest);
+# empty = $XENSTORED_PATH, else /run/xenstored/socket if it exists, else /dev/xen/xenbus.
 # Flag: --xenstore-socket.
 socket = ""
 # Seconds between heartbeats (load refresh) in xenstore.
@@ -123,7 +124,8 @@ impl Default for VchanConfig {
 pub struct XenstoreConfig {
     /// Register at all.
     pub enabled: bool,
-    /// xenstored socket; empty = `$XENSTORED_PATH` or `/run/xenstored/socket`.
+    /// xenstored socket or xenbus device; empty = `$XENSTORED_PATH`, else `/run/xenstored/socket`
+    /// if it exists, else `/dev/xen/xenbus`.
     pub socket: PathBuf,
     /// Seconds between heartbeats.
     pub heartbeat_secs: u64,
@@ -140,15 +142,16 @@ impl Default for XenstoreConfig {
 }
 
 impl XenstoreConfig {
-    /// The xenstored socket to use: the configured one, else `$XENSTORED_PATH`, else the default.
+    /// The xenstored socket (or xenbus device) to use: the configured one, else `$XENSTORED_PATH`,
+    /// else `/run/xenstored/socket` if it exists, else `/dev/xen/xenbus` (inside a guest).
     pub fn socket_path(&self) -> PathBuf {
         if !self.socket.as_os_str().is_empty() {
             return self.socket.clone();
         }
-        match std::env::var_os("XENSTORED_PATH") {
-            Some(p) if !p.is_empty() => PathBuf::from(p),
-            _ => PathBuf::from("/run/xenstored/socket"),
-        }
+        // `$XENSTORED_PATH`, else /run/xenstored/socket if present, else /dev/xen/xenbus (a guest).
+        xs_registry::client::Endpoint::from_env()
+            .path()
+            .to_path_buf()
     }
 }
 
