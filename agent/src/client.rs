@@ -103,21 +103,24 @@ async fn take_turn(
         .open(path)
         .map_err(|e| format!("opening the vchan turn lock {}: {e}", path.display()))?;
     loop {
-        match f.try_lock() {
-            Ok(()) => return Ok(f),
-            Err(std::fs::TryLockError::WouldBlock) => {
-                if tokio::time::Instant::now() >= deadline {
-                    return Err(format!(
-                        "another client of this domain kept the vchan (lock {})",
-                        path.display()
-                    ));
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-            }
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(format!("locking {}: {e}", path.display()))
-            }
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock(2) on a descriptor this function owns (kept open by `f`); no memory
+        // is passed. The lock goes away with the descriptor, also when the process dies.
+        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if r == 0 {
+            return Ok(f);
         }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(format!("locking {}: {e}", path.display()));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "another client of this domain kept the vchan (lock {})",
+                path.display()
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
 }
 
