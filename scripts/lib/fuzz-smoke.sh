@@ -8,7 +8,8 @@
 # FUZZ_DIR is a cargo-fuzz crate (e.g. xs-registry/fuzz); a target's SEED_DIR (optional) is copied
 # into a fresh corpus so the seeds themselves are never modified. Environment:
 #   FUZZ_SECS   seconds per target (default 5)
-#   FUZZ_FLAGS  cargo-fuzz build flags (default "-s none -O": no sanitizer, optimised — fine for
+#   FUZZ_FLAGS  cargo-fuzz build flags (default "-s none -O -a": no sanitizer, optimised, with
+#               debug assertions and overflow checks (they found an overflow here) — fine for
 #               crates without unsafe code on the fuzzed path; set "" for the ASan default)
 # Needs cargo-fuzz (scripts/deps/*.cargo) and nightly features through RUSTC_BOOTSTRAP=1.
 set -uo pipefail
@@ -26,7 +27,7 @@ cd "$dir" || exit 1
 export RUSTC_BOOTSTRAP=1
 secs=${FUZZ_SECS:-5}
 # shellcheck disable=SC2206
-flags=(${FUZZ_FLAGS--s none -O})
+flags=(${FUZZ_FLAGS--s none -O -a})
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 if ! cargo fuzz build "${flags[@]}" >"$work/build.log" 2>&1; then
@@ -49,7 +50,7 @@ for spec in "$@"; do
     echo "$label: $target FAILED (crash input under $dir/artifacts/$target)"
     rc=1
   else
-    grep -E "^#[0-9]+ *DONE" "$work/$target.log" | tail -n 1 || true
+    grep -E "^Done [0-9]+ runs" "$work/$target.log" | tail -n 1 || true
   fi
 done
 [ $rc = 0 ] && echo "$label: ok"

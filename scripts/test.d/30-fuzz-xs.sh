@@ -27,7 +27,7 @@ msg 0 1 0 '/local/domain\0' >"$seeds/wire/directory"
 
 # registry_record: domid, now, stale_after, then 0xFF-separated values and SR names.
 entry() { # now stale heartbeat
-  le32 5 | head -c 2; le64 "$1"; le64 "$2"
+  byte 5; byte 0; le64 "$1"; le64 "$2" # domid 5 (u16), now, stale_after
   printf '1\xffready\xffddstor 0.1.0\xffcore,disk_differencing\xffddstor\xff\xfe\xff3\xff%s\xffsr-a\xffsr-b' "$3"
 }
 entry 1000 30 995 >"$seeds/registry_record/live"
