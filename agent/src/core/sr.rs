@@ -161,6 +161,10 @@ impl Sr {
             sr.recover(&entry)?;
             report.recovered.push(entry.id.clone());
         }
+        // differencing's own journals (compose, online leaf merge), before reconcile reads nodes.
+        report
+            .recovered
+            .extend(crate::differencing::recover_at_attach(&sr)?);
         sr.reconcile(&mut report)?;
         *lock(&sr.report) = report;
         Ok(sr)
