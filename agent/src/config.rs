@@ -46,11 +46,20 @@ clients = [0]
 [xenstore]
 # Register the agent in xenstore (/local/domain/<domid>/data/ddstor/). Flag: --xenstore on|off.
 enabled = false
-# xenstored's unix socket; empty = $XENSTORED_PATH, else /run/xenstored/socket.
+# xenstored's unix socket, or a xenbus device (a char device, e.g. /dev/xen/xenbus in a guest);
+# empty = $XENSTORED_PATH, else /run/xenstored/socket if it exists, else /dev/xen/xenbus.
 # Flag: --xenstore-socket.
 socket = ""
 # Seconds between heartbeats (load refresh) in xenstore.
 heartbeat_secs = 5
+
+[nbd]
+# Unix socket of the NBD datapath (VDI.attach returns nbd:unix:<socket>:exportname=<sr>/<vdi>);
+# empty = <data_dir>/nbd.sock. Flag: --nbd-socket.
+socket = ""
+# Also serve NBD on this TCP address, e.g. "127.0.0.1:10809" (loopback only: NBD has no
+# authentication); empty = no TCP. Flag: --nbd-tcp.
+tcp = ""
 
 [rpc]
 # Largest frame (bytes) accepted or sent on a connection.
@@ -115,7 +124,8 @@ impl Default for VchanConfig {
 pub struct XenstoreConfig {
     /// Register at all.
     pub enabled: bool,
-    /// xenstored socket; empty = `$XENSTORED_PATH` or `/run/xenstored/socket`.
+    /// xenstored socket or xenbus device; empty = `$XENSTORED_PATH`, else `/run/xenstored/socket`
+    /// if it exists, else `/dev/xen/xenbus`.
     pub socket: PathBuf,
     /// Seconds between heartbeats.
     pub heartbeat_secs: u64,
@@ -132,16 +142,27 @@ impl Default for XenstoreConfig {
 }
 
 impl XenstoreConfig {
-    /// The xenstored socket to use: the configured one, else `$XENSTORED_PATH`, else the default.
+    /// The xenstored socket (or xenbus device) to use: the configured one, else `$XENSTORED_PATH`,
+    /// else `/run/xenstored/socket` if it exists, else `/dev/xen/xenbus` (inside a guest).
     pub fn socket_path(&self) -> PathBuf {
         if !self.socket.as_os_str().is_empty() {
             return self.socket.clone();
         }
-        match std::env::var_os("XENSTORED_PATH") {
-            Some(p) if !p.is_empty() => PathBuf::from(p),
-            _ => PathBuf::from("/run/xenstored/socket"),
-        }
+        // `$XENSTORED_PATH`, else /run/xenstored/socket if present, else /dev/xen/xenbus (a guest).
+        xs_registry::client::Endpoint::from_env()
+            .path()
+            .to_path_buf()
     }
+}
+
+/// `[nbd]`: the NBD datapath's listeners.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NbdConfig {
+    /// Unix socket; empty = `<data_dir>/nbd.sock`.
+    pub socket: PathBuf,
+    /// Optional loopback TCP address (`host:port`); empty = none.
+    pub tcp: String,
 }
 
 /// `[rpc]`: connection limits.
@@ -187,6 +208,8 @@ pub struct AgentConfig {
     pub xenstore: XenstoreConfig,
     /// Connection limits.
     pub rpc: RpcConfig,
+    /// NBD datapath listeners.
+    pub nbd: NbdConfig,
 }
 
 impl Default for AgentConfig {
@@ -202,6 +225,7 @@ impl Default for AgentConfig {
             vchan: VchanConfig::default(),
             xenstore: XenstoreConfig::default(),
             rpc: RpcConfig::default(),
+            nbd: NbdConfig::default(),
         }
     }
 }
@@ -259,6 +283,35 @@ impl AgentConfig {
             .map(PathBuf::from)
     }
 
+    /// The NBD datapath's unix socket: `nbd.socket`, else `<data_dir>/nbd.sock`.
+    pub fn nbd_socket(&self) -> PathBuf {
+        if self.nbd.socket.as_os_str().is_empty() {
+            self.data_dir.join("nbd.sock")
+        } else {
+            self.nbd.socket.clone()
+        }
+    }
+
+    /// The NBD datapath's optional TCP address (refused unless it is a loopback address).
+    pub fn nbd_tcp(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        if self.nbd.tcp.is_empty() {
+            return Ok(None);
+        }
+        let a: std::net::SocketAddr = self.nbd.tcp.parse().map_err(|e| {
+            ConfigError::Invalid(format!(
+                "nbd.tcp {:?} is not an address like 127.0.0.1:10809: {e}",
+                self.nbd.tcp
+            ))
+        })?;
+        if !a.ip().is_loopback() {
+            return Err(ConfigError::Invalid(format!(
+                "nbd.tcp {a} is not a loopback address: NBD has no authentication, so the \
+                 datapath is only served on 127.0.0.1 or ::1"
+            )));
+        }
+        Ok(Some(a))
+    }
+
     /// Checks that the settings make sense together.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.unix.path.as_os_str().is_empty() && self.xen == XenBackend::None {
@@ -292,6 +345,14 @@ impl AgentConfig {
         }
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::Invalid("data_dir is empty".into()));
+        }
+        self.nbd_tcp()?;
+        if self.nbd_socket().as_os_str().len() > 107 {
+            return Err(ConfigError::Invalid(format!(
+                "the NBD socket path {} is longer than a unix socket path may be (107 bytes); \
+                 set nbd.socket (--nbd-socket) to a shorter path",
+                self.nbd_socket().display()
+            )));
         }
         if self.rpc.max_frame < 4096 || self.rpc.max_in_flight == 0 {
             return Err(ConfigError::Invalid(
@@ -340,6 +401,20 @@ mod tests {
         };
         assert!(c.validate().is_ok());
         c.vchan.clients.clear();
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn nbd_socket_defaults_to_the_data_dir_and_tcp_must_be_loopback() {
+        let mut c = AgentConfig::default();
+        assert_eq!(c.nbd_socket(), PathBuf::from("/var/lib/ddstor/nbd.sock"));
+        c.nbd.socket = PathBuf::from("/run/x/nbd.sock");
+        assert_eq!(c.nbd_socket(), PathBuf::from("/run/x/nbd.sock"));
+        c.nbd.tcp = "127.0.0.1:10809".into();
+        assert!(c.validate().is_ok());
+        c.nbd.tcp = "0.0.0.0:10809".into();
+        assert!(c.validate().unwrap_err().to_string().contains("loopback"));
+        c.nbd.tcp = "nonsense".into();
         assert!(c.validate().is_err());
     }
 }

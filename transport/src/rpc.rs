@@ -126,80 +126,67 @@ where
     H: Fn(Req) -> F,
     F: Future<Output = Resp>,
 {
-    let result = serve_inner(stream, hello, opts, handler).await;
+    let result = async {
+        let (rd, wr) = tokio::io::split(stream);
+        let mut reader = FrameReader::new(rd, opts.max_frame);
+        let mut writer = FrameWriter::new(wr, opts.max_frame);
+        let peer = exchange_hello(&mut reader, &mut writer, &hello).await?;
+        tracing::debug!(peer = %peer.agent, interfaces = ?peer.interfaces, "hello");
+
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(opts.max_in_flight.max(1));
+        let max = opts.max_frame;
+        let read_loop = async move {
+            let mut in_flight = FuturesUnordered::new();
+            let mut eof = false;
+            loop {
+                if eof && in_flight.is_empty() {
+                    return Ok::<(), Error>(());
+                }
+                tokio::select! {
+                    biased;
+                    Some((id, resp)) = in_flight.next(), if !in_flight.is_empty() => {
+                        let bytes = frame::encode(id, &resp, max)?;
+                        if tx.send(bytes).await.is_err() {
+                            return Err(Error::Closed);
+                        }
+                    }
+                    payload = reader.read_payload(), if !eof && in_flight.len() < opts.max_in_flight => {
+                        match payload? {
+                            None => eof = true,
+                            Some(p) => {
+                                let f: frame::Frame<Req> = frame::decode(&p, max)?;
+                                if f.id == HELLO_ID {
+                                    return Err(Error::Protocol("request with the hello's id 0".into()));
+                                }
+                                let id = f.id;
+                                let fut = handler(f.body);
+                                in_flight.push(async move { (id, fut.await) });
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        let write_loop = async {
+            while let Some(bytes) = rx.recv().await {
+                writer.write_encoded(&bytes).await?;
+                // Batch: flush only when no other reply is queued.
+                while let Ok(more) = rx.try_recv() {
+                    writer.write_encoded(&more).await?;
+                }
+                writer.flush().await?;
+            }
+            writer.shutdown().await.or(Ok::<(), Error>(()))
+        };
+        tokio::try_join!(read_loop, write_loop)?;
+        Ok(())
+    }
+    .await;
     match &result {
         Ok(()) => tracing::debug!("connection closed by peer"),
         Err(e) => tracing::warn!(reason = %e, "dropping connection"),
     }
     result
-}
-
-async fn serve_inner<S, Req, Resp, H, F>(
-    stream: S,
-    hello: Hello,
-    opts: ConnOptions,
-    handler: H,
-) -> Result<()>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-    Req: DeserializeOwned,
-    Resp: Serialize,
-    H: Fn(Req) -> F,
-    F: Future<Output = Resp>,
-{
-    let (rd, wr) = tokio::io::split(stream);
-    let mut reader = FrameReader::new(rd, opts.max_frame);
-    let mut writer = FrameWriter::new(wr, opts.max_frame);
-    let peer = exchange_hello(&mut reader, &mut writer, &hello).await?;
-    tracing::debug!(peer = %peer.agent, interfaces = ?peer.interfaces, "hello");
-
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(opts.max_in_flight.max(1));
-    let max = opts.max_frame;
-    let read_loop = async move {
-        let mut in_flight = FuturesUnordered::new();
-        let mut eof = false;
-        loop {
-            if eof && in_flight.is_empty() {
-                return Ok::<(), Error>(());
-            }
-            tokio::select! {
-                biased;
-                Some((id, resp)) = in_flight.next(), if !in_flight.is_empty() => {
-                    let bytes = frame::encode(id, &resp, max)?;
-                    if tx.send(bytes).await.is_err() {
-                        return Err(Error::Closed);
-                    }
-                }
-                payload = reader.read_payload(), if !eof && in_flight.len() < opts.max_in_flight => {
-                    match payload? {
-                        None => eof = true,
-                        Some(p) => {
-                            let f: frame::Frame<Req> = frame::decode(&p, max)?;
-                            if f.id == HELLO_ID {
-                                return Err(Error::Protocol("request with the hello's id 0".into()));
-                            }
-                            let id = f.id;
-                            let fut = handler(f.body);
-                            in_flight.push(async move { (id, fut.await) });
-                        }
-                    }
-                }
-            }
-        }
-    };
-    let write_loop = async {
-        while let Some(bytes) = rx.recv().await {
-            writer.write_encoded(&bytes).await?;
-            // Batch: flush only when no other reply is queued.
-            while let Ok(more) = rx.try_recv() {
-                writer.write_encoded(&more).await?;
-            }
-            writer.flush().await?;
-        }
-        writer.shutdown().await.or(Ok::<(), Error>(()))
-    };
-    tokio::try_join!(read_loop, write_loop)?;
-    Ok(())
 }
 
 type Pending<Resp> = HashMap<u64, oneshot::Sender<Resp>>;

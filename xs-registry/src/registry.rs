@@ -585,7 +585,7 @@ impl Registry {
     pub async fn watch(
         &self,
     ) -> Result<impl Stream<Item = RegistryEvent> + Send + Unpin + 'static> {
-        let conn = Xs::connect(self.xs.socket()).await?;
+        let conn = self.xs.reconnect().await?;
         let mut w_dom = conn.watch("/local/domain").await?;
         let mut w_rel = conn.watch("@releaseDomain").await?;
         let me = Registry {

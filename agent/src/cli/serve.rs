@@ -7,6 +7,7 @@
 
 use crate::config::{AgentConfig, XenBackend, EXAMPLE};
 use crate::core::{Storage, StorageConfig};
+use crate::datapath::Datapaths;
 use crate::failpoint::{self, Failpoints};
 use crate::server::xenstore::XsAnnouncer;
 use crate::server::{self, Announcer, BoxFuture, Server, Service};
@@ -77,6 +78,12 @@ pub struct ServeArgs {
     /// xenstored socket (config `xenstore.socket`; default $XENSTORED_PATH).
     #[arg(long, value_name = "PATH")]
     xenstore_socket: Option<PathBuf>,
+    /// Unix socket of the NBD datapath (config `nbd.socket`; default <data_dir>/nbd.sock).
+    #[arg(long, value_name = "PATH")]
+    nbd_socket: Option<PathBuf>,
+    /// Also serve NBD on this loopback TCP address, e.g. 127.0.0.1:10809 (config `nbd.tcp`).
+    #[arg(long, value_name = "ADDR")]
+    nbd_tcp: Option<String>,
     /// Seconds in-flight calls get at shutdown (config `shutdown_grace_secs`).
     #[arg(long, value_name = "SECS")]
     shutdown_grace: Option<u64>,
@@ -122,6 +129,12 @@ impl ServeArgs {
         if let Some(v) = &self.xenstore_socket {
             c.xenstore.socket = v.clone();
         }
+        if let Some(v) = &self.nbd_socket {
+            c.nbd.socket = v.clone();
+        }
+        if let Some(v) = &self.nbd_tcp {
+            c.nbd.tcp = v.clone();
+        }
         if let Some(v) = self.shutdown_grace {
             c.shutdown_grace_secs = v;
         }
@@ -134,19 +147,64 @@ impl ServeArgs {
 #[derive(Debug)]
 pub struct EngineService {
     storage: Arc<Storage>,
+    datapaths: Option<Arc<Datapaths>>,
 }
 
 impl Service for EngineService {
     fn handle(&self, call: Call) -> BoxFuture<'_, Reply> {
-        Box::pin(self.storage.handle(call))
+        Box::pin(async move {
+            let attach = match (&call, &self.datapaths) {
+                (Call::SrAttach { sr, .. }, Some(d)) => Some((sr.to_string(), d.clone())),
+                _ => None,
+            };
+            let reply = self.storage.handle(call).await;
+            if let (Ok(_), Some((sr, dps))) = (&reply, attach) {
+                restore_datapaths(&self.storage, &dps, &sr).await;
+            }
+            reply
+        })
     }
 }
 
 impl EngineService {
     /// Wraps an engine.
     pub fn new(storage: Arc<Storage>) -> Self {
-        EngineService { storage }
+        EngineService {
+            storage,
+            datapaths: None,
+        }
     }
+
+    /// Wraps an engine whose datapaths are `dps`: a successful `SR.attach` re-exports the
+    /// SR's attached and activated VDIs (after a restart).
+    pub fn with_datapaths(storage: Arc<Storage>, dps: Arc<Datapaths>) -> Self {
+        EngineService {
+            storage,
+            datapaths: Some(dps),
+        }
+    }
+}
+
+/// Re-creates the NBD exports of `sr`'s VDIs from their persisted datapath states. A failure
+/// is logged (the SR stays attached; the VDI's next VDI.attach/activate retries).
+async fn restore_datapaths(storage: &Storage, dps: &Datapaths, sr: &str) {
+    if let Err(e) = dps.restore_sr(storage, sr).await {
+        tracing::error!(sr, error = %e, "could not restore the SR's datapaths");
+    }
+}
+
+/// Creates the datapath layer and starts its NBD listeners (unix socket, optional TCP).
+async fn start_datapaths(cfg: &AgentConfig) -> anyhow::Result<Arc<Datapaths>> {
+    let sock = cfg.nbd_socket();
+    let dps = Datapaths::new(&sock);
+    dps.listen()
+        .with_context(|| format!("serving NBD on unix socket {}", sock.display()))?;
+    if let Some(addr) = cfg.nbd_tcp()? {
+        dps.listen_tcp(addr)
+            .await
+            .with_context(|| format!("serving NBD on TCP {addr}"))?;
+    }
+    Ok(dps)
 }
 
 async fn wait_for_signal() -> anyhow::Result<&'static str> {
@@ -169,13 +227,16 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
             "failpoint armed: the agent will crash there"
         );
     }
-    let storage = Arc::new(Storage::new(StorageConfig {
+    let mut storage = Storage::new(StorageConfig {
         data_dir: cfg.data_dir.clone(),
         sr_roots: cfg.sr_roots.clone(),
         failpoints,
-    }));
+    });
+    let dps = start_datapaths(&cfg).await?;
+    storage.set_datapath_hooks(dps.clone());
+    let storage = Arc::new(storage);
     let server = Server::new(
-        Arc::new(EngineService::new(storage)),
+        Arc::new(EngineService::with_datapaths(storage, dps)),
         cfg.rpc.max_frame,
         cfg.rpc.max_in_flight,
     );
@@ -232,6 +293,7 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
     });
     tracing::info!(
         unix = %cfg.unix.path.display(),
+        nbd = %cfg.nbd_socket().display(),
         data_dir = %cfg.data_dir.display(),
         xenstore = cfg.xenstore.enabled,
         "ddstor serving"

@@ -12,7 +12,8 @@ use xs_registry::DomId;
 
 /// Arguments of `ddstor xs`: the registry of agents in xenstore, as dom0 sees it.
 ///
-/// Connects to `XENSTORED_PATH` (default /run/xenstored/socket), like xenstore-utils.
+/// Connects like xenstore-utils: `XENSTORED_PATH`, else /run/xenstored/socket, else the xenbus
+/// device /dev/xen/xenbus (a char device path selects xenbus mode).
 #[derive(Debug, Args)]
 pub struct XsArgs {
     #[command(subcommand)]

@@ -182,11 +182,31 @@ impl Datapaths {
             std::fs::create_dir_all(d)?;
         }
         let listener = tokio::net::UnixListener::bind(&self.socket)?;
+        {
+            // Whoever can connect can read and write every attached disk: owner only.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&self.socket, std::fs::Permissions::from_mode(0o600))?;
+        }
         let server = NbdServer::new(self.exports.clone());
         tracing::info!(socket = %self.socket.display(), "NBD datapath listening");
         Ok(tokio::spawn(async move {
             if let Err(e) = server.serve_unix(listener).await {
                 tracing::error!(error = %e, "NBD listener stopped");
+            }
+        }))
+    }
+
+    /// Also serves NBD on a TCP address (loopback only; the caller checks) in a background task.
+    pub async fn listen_tcp(
+        &self,
+        addr: std::net::SocketAddr,
+    ) -> std::io::Result<tokio::task::JoinHandle<()>> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let server = NbdServer::new(self.exports.clone());
+        tracing::info!(%addr, "NBD datapath listening on TCP");
+        Ok(tokio::spawn(async move {
+            if let Err(e) = server.serve_tcp(listener).await {
+                tracing::error!(error = %e, "NBD TCP listener stopped");
             }
         }))
     }
