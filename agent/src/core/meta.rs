@@ -127,7 +127,7 @@ pub enum JournalOp {
         /// The snapshotted VDI's record as the operation leaves it (`sm_config.vhd-parent` =
         /// base), so recovery can rewrite it whole. Absent in entries of older agents.
         #[serde(default)]
-        updated_record: Option<VdiRecord>,
+        updated_record: Option<Box<VdiRecord>>,
     },
     /// `VDI.destroy`: remove the record, then `<vdi>.vhd`, then garbage-collect hidden bases left
     /// with no child. Always completed.

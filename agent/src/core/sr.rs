@@ -217,7 +217,7 @@ impl Sr {
                 new_record,
                 updated_record,
                 ..
-            } => self.complete_snapshot(vdi, base, new_record, updated_record.as_ref())?,
+            } => self.complete_snapshot(vdi, base, new_record, updated_record.as_deref())?,
             JournalOp::Destroy { vdi } => {
                 tracing::info!(vdi, "completing an interrupted destroy");
                 self.meta.remove_vdi(vdi)?;
@@ -528,7 +528,7 @@ impl Sr {
                 base: base.clone(),
                 clone,
                 new_record: new_rec.clone(),
-                updated_record: Some(updated.clone()),
+                updated_record: Some(Box::new(updated.clone())),
             },
         };
         let leaf = self.node(&src.uuid);
