@@ -86,6 +86,17 @@ pub const ALL: &[&str] = &[
     "gc.merge_copied",
     "gc.children_relinked",
     "gc.merged_node_removed",
+    "compose.journal_written",
+    "compose.parent_renamed",
+    "compose.base_created",
+    "compose.child_reparented",
+    "compose.records_written",
+    "gc_leaf.journaled",
+    "gc_leaf.leaf_renamed",
+    "gc_leaf.frozen",
+    "gc_leaf.copied",
+    "gc_leaf.switched",
+    "gc_leaf.unhidden",
 ];
 
 /// Environment variable naming the failpoint that crashes the process.
@@ -192,6 +203,8 @@ mod tests {
             VDI_DESTROY,
             METADATA_WRITE,
             crate::differencing::gc::GC_MERGE,
+            crate::differencing::compose::COMPOSE,
+            crate::differencing::online::GC_LEAF,
         ]
         .concat();
         assert_eq!(per_op.len(), ALL.len());

@@ -210,6 +210,9 @@ calls! {
     } -> Unit;
     /// A VDI's state from each datapath's point of view, and its superstate.
     "DP.stat_vdi" => DpStatVdi { #[serde(default)] dbg: Dbg, sr: SrId, vdi: VdiId } -> DpStat;
+    /// ddstor extension: garbage-collect and coalesce the SR's chains now (`mode` `run`, the
+    /// default: returns the report as JSON) or report the GC's progress (`mode` `status`).
+    "SR.gc" => SrGc { #[serde(default)] dbg: Dbg, sr: SrId, #[serde(default)] mode: String } -> Text;
 }
 
 impl Call {
@@ -317,7 +320,8 @@ impl Call {
             | Call::VdiSimilarContent { dbg, .. }
             | Call::VdiCompose { dbg, .. }
             | Call::DpDestroy { dbg, .. }
-            | Call::DpStatVdi { dbg, .. } => *dbg = new,
+            | Call::DpStatVdi { dbg, .. }
+            | Call::SrGc { dbg, .. } => *dbg = new,
         }
     }
 
@@ -333,6 +337,7 @@ impl Call {
             | Call::SrDestroy { dbg, sr }
             | Call::SrScan { dbg, sr }
             | Call::SrStat { dbg, sr }
+            | Call::SrGc { dbg, sr, .. }
             | Call::SrSetNameLabel { dbg, sr, .. }
             | Call::SrSetNameDescription { dbg, sr, .. } => (dbg.as_str(), Some(sr), None),
             Call::VdiCreate { dbg, sr, vdi_info }

@@ -148,7 +148,8 @@ fn every_request_vector_of_a_served_method_parses_into_a_call() {
     }
     // Every served method that xapi has samples for was exercised.
     for m in Call::METHODS {
-        if *m != "VDI.activate_readonly" {
+        // `SR.gc` is ddstor's own extension: xapi has no sample for it.
+        if *m != "VDI.activate_readonly" && *m != "SR.gc" {
             assert!(methods.contains(*m), "no request vector for {m}");
         }
     }

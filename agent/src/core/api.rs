@@ -95,10 +95,9 @@ impl Storage {
     }
 
     /// Handles one xapi call. Datapath calls (`VDI.attach*`, `activate*`, `deactivate`,
-    /// `detach`, `DP.*`) and `similar_content`/`compose` answer `Unimplemented` until the
-    /// datapath issue adds them.
+    /// `detach`, `DP.*`) go to the datapath hooks; `similar_content`, `compose` and `SR.gc` to
+    /// [`crate::differencing`].
     pub async fn handle(&self, call: Call) -> Reply {
-        let method = call.method();
         let unit = |r: Result<(), StorageError>| r.map(|()| Response::Unit);
         let vdi = |r: Result<VdiView, StorageError>| r.map(|v| Response::VdiInfo(vdi_info(&v)));
         let unit_v = |r: Result<VdiView, StorageError>| r.map(|_| Response::Unit);
@@ -237,7 +236,18 @@ impl Storage {
             | Call::VdiDetach { .. }
             | Call::DpDestroy { .. }
             | Call::DpStatVdi { .. }) => self.hooks.call(self, c).await,
-            _ => Err(StorageError::Unimplemented(method.to_string())),
+            Call::VdiSimilarContent { sr, vdi: v, .. } => self
+                .vdi_similar_content(sr.as_str(), v.as_str())
+                .await
+                .map(|vs| Response::VdiInfos(vs.iter().map(vdi_info).collect())),
+            Call::VdiCompose { sr, vdi1, vdi2, .. } => unit(
+                self.vdi_compose(sr.as_str(), vdi1.as_str(), vdi2.as_str())
+                    .await,
+            ),
+            Call::SrGc { sr, mode, .. } => self
+                .sr_gc_call(sr.as_str(), &mode, self.gc_options())
+                .await
+                .map(Response::Text),
         }
     }
 }

@@ -140,6 +140,7 @@ const FEATURES: &[&str] = &[
     "VDI_SNAPSHOT",
     "VDI_CLONE",
     "VDI_UPDATE",
+    "VDI_COMPOSE",
 ];
 
 impl Storage {
@@ -168,6 +169,11 @@ impl Storage {
         &self.cfg
     }
 
+    /// The datapath layer's hooks (for `differencing`: compose and online merges pause exports).
+    pub(crate) fn hooks(&self) -> &Arc<dyn DatapathHooks> {
+        &self.hooks
+    }
+
     /// xapi feature strings of what works (for `Query.query`).
     pub fn features(&self) -> Vec<String> {
         FEATURES.iter().map(|s| s.to_string()).collect()
@@ -182,7 +188,7 @@ impl Storage {
             .clone()
     }
 
-    async fn attached(
+    pub(crate) async fn attached(
         &self,
         sr: &str,
     ) -> Result<(tokio::sync::OwnedRwLockReadGuard<Option<Arc<Sr>>>, Arc<Sr>)> {
@@ -736,6 +742,7 @@ impl Storage {
             }
         }
         out.push_str(&crate::differencing::gc::diagnostics());
+        out.push_str(&crate::differencing::online::diagnostics());
         out
     }
 }

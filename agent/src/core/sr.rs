@@ -162,6 +162,10 @@ impl Sr {
             report.recovered.push(entry.id.clone());
         }
         sr.meta.remove_stale_temps()?;
+        // differencing's own journals (compose, online leaf merge), before reconcile reads nodes.
+        report
+            .recovered
+            .extend(crate::differencing::recover_at_attach(&sr)?);
         sr.reconcile(&mut report)?;
         *lock(&sr.report) = report;
         Ok(sr)

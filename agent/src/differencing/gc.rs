@@ -51,7 +51,7 @@ pub struct GcOptions {
 }
 
 /// What a collection did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GcReport {
     /// Hidden bases deleted because nothing depended on them.
     pub removed: Vec<String>,
@@ -157,6 +157,11 @@ fn remove_file_durable(root: &Path, name: &str) -> Result<()> {
     }
 }
 
+/// Whether any node file names `name` as its parent.
+pub fn has_children_on_disk(root: &Path, name: &str) -> Result<bool> {
+    Ok(!children_on_disk(root, name)?.is_empty())
+}
+
 /// Node files whose parent is `name`.
 fn children_on_disk(root: &Path, name: &str) -> Result<Vec<String>> {
     let mut out = Vec::new();
@@ -171,7 +176,7 @@ fn children_on_disk(root: &Path, name: &str) -> Result<Vec<String>> {
 }
 
 /// Merges `child` into `parent` (see the module documentation); idempotent.
-fn merge(
+pub(crate) fn merge(
     sr: &Sr,
     parent: &str,
     child: &str,

@@ -5,15 +5,41 @@
 //! Every chain node is `<uuid>.vhd` at the SR's root. The VHD headers (parent uuid + relative
 //! parent locator) are the truth about structure; the index is rebuilt from them at attach.
 
+pub mod compose;
 #[cfg(test)]
 pub mod fake;
 pub mod gc;
+pub mod online;
 pub mod vhdfmt;
 
 use crate::core::error::Result;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// The lock serialising an SR's differencing work (GC rounds, online leaf merges, compose),
+/// so two of them never re-point the same nodes at once.
+pub fn sr_op_lock(sr: &str) -> Arc<tokio::sync::Mutex<()>> {
+    static LOCKS: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>> =
+        Mutex::new(BTreeMap::new());
+    LOCKS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(sr.to_string())
+        .or_default()
+        .clone()
+}
+
+/// Recovery of differencing's own journals (compose, online leaf merge) at `SR.attach`, after
+/// the engine's journal and before the chain index is rebuilt. Returns what was recovered.
+pub fn recover_at_attach(sr: &crate::core::sr::Sr) -> Result<Vec<String>> {
+    let fp = crate::failpoint::Failpoints::none();
+    Ok(compose::recover(sr, &fp)?
+        .into_iter()
+        .chain(online::recover(sr)?)
+        .collect())
+}
 
 /// What the engine needs to know about one chain node.
 #[derive(Debug, Clone, PartialEq, Eq)]
