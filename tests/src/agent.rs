@@ -399,24 +399,18 @@ pub fn new_uuid() -> String {
 
 /// Reads the first `len` bytes of the flattened disk of the VHD chain whose leaf is `leaf`
 /// through libvhdi's `vhdimount` (FUSE), the independent reader of differencing chains.
+/// vhdimount exposes one file per layer, `vhdi1` the base: the leaf's view is the
+/// highest-numbered one.
 pub fn read_with_vhdimount(leaf: &Path, len: usize) -> Vec<u8> {
-    crate::require_tool("vhdimount", "libvhdi-utils");
     let mnt = tempfile::tempdir().expect("mount point");
-    let st = Command::new("vhdimount")
-        .arg(leaf)
-        .arg(mnt.path())
-        .stdout(Stdio::null())
-        .status()
-        .expect("running vhdimount");
-    assert!(st.success(), "vhdimount {} failed: {st}", leaf.display());
-    let file = mnt.path().join("vhdi1");
+    let m = crate::libvhdi::VhdiMount::new(leaf, mnt.path());
     let data = (|| {
         use std::io::Read;
-        let mut f = std::fs::File::open(&file)?;
+        let mut f = std::fs::File::open(m.leaf_view())?;
         let mut buf = vec![0u8; len];
         f.read_exact(&mut buf)?;
         Ok::<_, std::io::Error>(buf)
     })();
-    let _ = Command::new("umount").arg(mnt.path()).status();
+    drop(m);
     data.unwrap_or_else(|e| panic!("reading {} through vhdimount: {e}", leaf.display()))
 }
