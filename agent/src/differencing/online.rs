@@ -379,11 +379,18 @@ async fn leaf_merge(
         })
         .await?;
     }
+    // After a failed step, recover in-line (the journal says what to do) — unless the step
+    // "crashed" (an in-process failpoint panicked): then, as after a real crash, the next
+    // SR.attach recovers.
     let fail = |e: Error| {
         let s = s.clone();
         async move {
-            let s2 = s.clone();
-            let _ = super::compose::blocking(move || recover(&s2)).await;
+            if !matches!(&e, Error::InternalError(m) if m.contains("aborted")) {
+                let s2 = s.clone();
+                if let Err(r) = super::compose::blocking(move || recover(&s2)).await {
+                    tracing::error!(sr = s.uuid, error = %r, "could not recover a failed leaf merge; the next SR.attach will");
+                }
+            }
             e
         }
     };
@@ -585,3 +592,6 @@ impl Storage {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
