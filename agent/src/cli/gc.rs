@@ -115,7 +115,7 @@ fn run_online(a: &GcArgs, connect: &super::call::ConnectArgs) -> Result<()> {
 
 fn run_offline(a: &GcArgs, dir: &std::path::Path) -> Result<()> {
     let fp = crate::failpoint::Failpoints::from_env();
-    let meta = crate::core::meta::MetaStore::new(&dir, fp.clone());
+    let meta = crate::core::meta::MetaStore::new(dir, fp.clone());
     let info = meta
         .read_sr()
         .map_err(|e| anyhow::anyhow!("{e}"))
@@ -127,7 +127,7 @@ fn run_offline(a: &GcArgs, dir: &std::path::Path) -> Result<()> {
         })?;
     let sr = crate::core::sr::Sr::attach(
         &info.uuid,
-        &dir,
+        dir,
         Arc::new(crate::differencing::vhdfmt::VhdFormat),
         fp.clone(),
     )

@@ -402,13 +402,24 @@ async fn leaf_merge(
             super::compose::blocking(move || recover(&s2)).await?;
             return Ok(None);
         }
+        let t = Instant::now();
         st.hooks().before_leaf_change(&sr, vdi).await?;
+        let paused = t.elapsed();
         let (s2, v2, f2, fp2) = (s.clone(), vdi.to_string(), fz.clone(), fp.clone());
         let r = super::compose::blocking(move || freeze_files(&s2, &v2, &f2, &fp2)).await;
+        let frozen_at = t.elapsed();
         let resumed = st
             .hooks()
             .after_leaf_change(&sr, vdi, s.leaf_path(vdi))
             .await;
+        tracing::info!(
+            sr,
+            vdi,
+            pause_wait_ms = paused.as_millis() as u64,
+            freeze_ms = (frozen_at - paused).as_millis() as u64,
+            total_ms = t.elapsed().as_millis() as u64,
+            "gc: leaf frozen (export paused around it)"
+        );
         if let Err(e) = r {
             let e = fail(e).await;
             refresh_index(s, &[vdi, fz, parent]);
@@ -501,6 +512,7 @@ pub async fn gc_round(st: &Storage, sr: &str, opts: &OnlineOptions) -> Result<Gc
     let res = async {
         let (s2, o2, sr2) = (s.clone(), opts.gc.clone(), s.uuid.clone());
         let mut report = super::compose::blocking(move || {
+            gc::resync_index(&s2)?;
             gc::run(&s2, &o2, &mut |p| {
                 update(&sr2, |g| {
                     g.bytes_done = p.merge_bytes_done;
