@@ -46,6 +46,66 @@ pub enum ClientError {
 /// Result of client calls.
 pub type Result<T> = std::result::Result<T, ClientError>;
 
+/// How to reach an agent found in the xenstore registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Its unix socket (same domain, socket present here).
+    Unix(std::path::PathBuf),
+    /// vchan to its domain on its port.
+    Vchan {
+        /// The agent's domain.
+        domid: u16,
+        /// The vchan port name.
+        port: String,
+    },
+}
+
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Route::Unix(p) => write!(f, "unix socket {}", p.display()),
+            Route::Vchan { domid, port } => write!(f, "vchan {domid}:{port}"),
+        }
+    }
+}
+
+/// The rule for reaching a registered agent from domain `own`: its unix socket when the
+/// record announces one, the agent runs in our own domain (same host and kernel) and the
+/// socket exists here; vchan to the agent's domain and port otherwise (the normal case:
+/// dom0 talking to a driver domain).
+pub fn route_for(addr: &xs_registry::registry::AgentAddr, own: u16) -> Route {
+    use std::os::unix::fs::FileTypeExt;
+    if let Some(p) = &addr.unix_path {
+        let path = std::path::PathBuf::from(p);
+        let is_socket = std::fs::metadata(&path)
+            .map(|m| m.file_type().is_socket())
+            .unwrap_or(false);
+        if addr.domid.0 == own && is_socket {
+            return Route::Unix(path);
+        }
+    }
+    Route::Vchan {
+        domid: addr.domid.0,
+        port: addr.vchan_port.clone(),
+    }
+}
+
+/// Finds the agent serving `sr` in the xenstore registry (live, ready, least loaded) and the
+/// route to it from domain `own` (see [`route_for`]).
+pub async fn lookup_sr(xs: &xs_registry::client::Xs, sr: &str, own: u16) -> Result<Route> {
+    let reg = xs_registry::registry::Registry::new(xs.clone());
+    match reg.lookup(sr, None).await {
+        Ok(Some(addr)) => Ok(route_for(&addr, own)),
+        Ok(None) => Err(ClientError::Lookup(format!(
+            "no live agent in xenstore serves SR {sr} (is it attached? `ddstor xs list` shows the agents)"
+        ))),
+        Err(e) => Err(ClientError::Lookup(format!(
+            "looking up SR {sr} in xenstore at {}: {e}",
+            xs.socket().display()
+        ))),
+    }
+}
+
 /// A connection to one agent. Cheap to clone; concurrent calls share (pipeline on) the one
 /// connection.
 #[derive(Debug, Clone)]
@@ -107,6 +167,53 @@ impl AgentClient {
     pub async fn connect_unix(path: impl AsRef<Path>) -> Result<Self> {
         let stream = transport::unix::connect(path).await?;
         Self::handshake(stream).await
+    }
+
+    /// Connects over vchan to the agent in domain `server` on `port`, as domain `own`:
+    /// reads the ring's rendezvous in xenstore (`/local/domain/<server>/data/vchan/<own>/<port>`),
+    /// maps the ring and exchanges hellos. The agent serves one vchan per client domain at a
+    /// time and publishes a new ring when the previous client leaves, so this retries (every
+    /// few milliseconds) until `timeout` while the rendezvous is missing or stale.
+    pub async fn connect_vchan(
+        xs: &xs_registry::client::Xs,
+        backend: &dyn transport::vchan::Backend,
+        own: u16,
+        server: u16,
+        port: &str,
+        timeout: std::time::Duration,
+    ) -> Result<Self> {
+        use transport::vchan::{DomId, VchanClient};
+        let rendezvous = xs_registry::rendezvous::XsRendezvous::new(xs.clone());
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pause = std::time::Duration::from_millis(2);
+        loop {
+            let attempt = async {
+                let stream =
+                    VchanClient::connect(backend, &rendezvous, DomId(server), DomId(own), port)
+                        .await?;
+                // A stale ring (its agent died) never answers the hello: bound the wait.
+                match tokio::time::timeout_at(deadline, Self::handshake(stream)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(ClientError::Transport(transport::Error::Vchan(
+                        "the agent did not answer the hello on the published ring".into(),
+                    ))),
+                }
+            };
+            match attempt.await {
+                Ok(c) => return Ok(c),
+                Err(e) if tokio::time::Instant::now() + pause < deadline => {
+                    tracing::debug!(error = %e, "vchan connect failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_millis(100));
+                }
+                Err(e) => {
+                    return Err(ClientError::Transport(transport::Error::Vchan(format!(
+                        "vchan to domain {server} port {port:?} as domain {own}: {e} \
+                         (gave up after {timeout:?})"
+                    ))))
+                }
+            }
+        }
     }
 
     /// The agent's hello (its version and interfaces).

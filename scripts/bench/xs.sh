@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # xenstore registry benchmark: lookup latency (p50/p99) with 100 agents x 10 SRs registered in
 # ddstor's test xenstored, and READ round-trips per second through ddstor's client versus the
-# same READ done by Debian's xenstore-read (one process per read), in the same run.
+# same READ done by Debian's xenstore-read (one process per read, and many keys in one process:
+# libxenstore's own round-trip rate), in the same run.
 #   scripts/bench/xs.sh [LOOKUPS] [SECONDS] [XENSTORE_READS]     (defaults 1000 2 300)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -21,4 +22,14 @@ for _ in $(seq "$reads"); do XENSTORED_PATH=$sock xenstore-read /local/domain/0/
 end=$(date +%s.%N)
 peer=$(awk -v n="$reads" -v a="$start" -v b="$end" 'BEGIN { printf "%.0f", n / (b - a) }')
 echo "xenstore_read_per_process_per_s=$peer"
-awk -v o="$ours" -v p="$peer" 'BEGIN { printf "READ round-trips/s: ddstor client %s vs xenstore-read per process %s (ratio %.1fx)\n", o, p, o / p }'
+# libxenstore in one process: xenstore-read with many paths reads them one after the other.
+keys=$((reads * 20))
+start=$(date +%s.%N)
+# (one transaction around all reads, as xenstore-read does; one READ round-trip per key)
+printf '/local/domain/0/domid\n%.0s' $(seq "$keys") | XENSTORED_PATH=$sock xargs -n "$keys" xenstore-read >/dev/null
+end=$(date +%s.%N)
+inproc=$(awk -v n="$keys" -v a="$start" -v b="$end" 'BEGIN { printf "%.0f", n / (b - a) }')
+echo "xenstore_read_in_one_process_per_s=$inproc"
+awk -v o="$ours" -v p="$peer" -v q="$inproc" 'BEGIN {
+  printf "READ round-trips/s: ddstor client %s vs xenstore-read per process %s (ratio %.1fx)\n", o, p, o / p
+  printf "READ round-trips/s: ddstor client %s vs libxenstore in one process %s (ratio %.2fx)\n", o, q, o / q }'

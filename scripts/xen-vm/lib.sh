@@ -3,7 +3,8 @@
 export PATH=/xenvm/bin:/usr/bin:/usr/sbin:/bin:/sbin
 export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
 
-fail() { echo "FAIL: $*"; exit 1; }
+# fail REASON: the test fails; $ON_FAIL (a command) runs first, for diagnostics
+fail() { echo "FAIL: $*"; [ -n "${ON_FAIL:-}" ] && $ON_FAIL; exit 1; }
 info() { echo "$*"; }
 
 uptime_s() { cut -d. -f1 /proc/uptime; }
@@ -20,3 +21,50 @@ wait_for() {
 
 # bench NAME VALUE UNIT: one measured figure
 bench() { echo "XENVM-BENCH $1 $2 $3"; }
+
+# Settings passed from the host (XENVM_* variables of run-tests.sh's environment).
+[ -f /xenvm/env ] && . /xenvm/env
+
+# now_ms: milliseconds since boot
+now_ms() { awk '{printf "%d", $1 * 1000}' /proc/uptime; }
+
+# wait_grep SECONDS PATTERN FILE: wait until FILE has a line matching PATTERN
+wait_grep() { wait_for "$1" grep -q -- "$2" "$3"; }
+
+# field NAME: the first "NAME": "value" of the JSON on stdin
+field() { grep -o "\"$1\": *\"[^\"]*\"" | head -1 | sed 's/.*"\([^"]*\)"$/\1/'; }
+uuid() { cat /proc/sys/kernel/random/uuid; }
+
+# ddstor_flow LABEL REGISTRY-DIR CONNECT-ARGS...: the core flow (Query, SR.create/attach,
+# VDI.create/snapshot/clone/destroy, scan) on a fresh SR through `ddstor call CONNECT-ARGS`;
+# the SR must then appear under REGISTRY-DIR/srs. Sets LAST_SR.
+ddstor_flow() {
+  local label=$1 reg=$2; shift 2
+  local sr out vdi snap clone scan
+  sr=$(uuid)
+  call() { ddstor call "$@"; }
+  out=$(call "$@" Query.query) || fail "$label: Query.query"
+  echo "$out" | grep -q '"name"' || fail "$label: Query.query answer: $out"
+  call "$@" SR.create "{\"sr\":\"$sr\",\"name_label\":\"xen-$label\",\"name_description\":\"\",\"device_config\":{},\"physical_size\":0}" >/dev/null \
+    || fail "$label: SR.create"
+  call "$@" SR.attach "{\"sr\":\"$sr\",\"device_config\":{}}" >/dev/null || fail "$label: SR.attach"
+  out=$(call "$@" VDI.create "{\"sr\":\"$sr\",\"vdi_info\":{\"name_label\":\"disk\",\"virtual_size\":4194304}}") \
+    || fail "$label: VDI.create"
+  vdi=$(echo "$out" | field vdi)
+  [ -n "$vdi" ] || fail "$label: VDI.create returned no vdi: $out"
+  snap=$(call "$@" VDI.snapshot "{\"sr\":\"$sr\",\"vdi_info\":{\"vdi\":\"$vdi\",\"name_label\":\"snap\"}}" | field vdi)
+  [ -n "$snap" ] && [ "$snap" != "$vdi" ] || fail "$label: VDI.snapshot"
+  clone=$(call "$@" VDI.clone "{\"sr\":\"$sr\",\"vdi_info\":{\"vdi\":\"$vdi\"}}" | field vdi)
+  [ -n "$clone" ] && [ "$clone" != "$vdi" ] || fail "$label: VDI.clone"
+  scan=$(call "$@" SR.scan "{\"sr\":\"$sr\"}") || fail "$label: SR.scan"
+  for v in $vdi $snap $clone; do echo "$scan" | grep -q "$v" || fail "$label: SR.scan lacks $v"; done
+  call "$@" VDI.destroy "{\"sr\":\"$sr\",\"vdi\":\"$clone\"}" >/dev/null || fail "$label: VDI.destroy"
+  scan=$(call "$@" SR.scan "{\"sr\":\"$sr\"}") || fail "$label: SR.scan after destroy"
+  echo "$scan" | grep -q "$clone" && fail "$label: the destroyed clone is still scanned"
+  call "$@" VDI.stat "{\"sr\":\"$sr\",\"vdi\":\"$clone\"}" >/tmp/err 2>&1 && fail "$label: VDI.stat of a destroyed VDI succeeded"
+  grep -q "VDI_does_not_exist\|does_not_exist" /tmp/err || { cat /tmp/err; fail "$label: the error is not xapi's"; }
+  wait_for 30 xenstore-read $reg/srs/$sr || fail "$label: SR $sr not registered under $reg/srs"
+  info "$label: core flow passed on SR $sr (vdi $vdi, snapshot $snap, clone $clone destroyed)"
+  LAST_SR=$sr
+}
+

@@ -372,6 +372,110 @@ pub struct Registry {
     pub stale_after: Duration,
 }
 
+/// The keys of an entry ([`RawEntry::values`]); `srs/` is listed separately.
+pub const ENTRY_KEYS: [&str; 8] = [
+    "version",
+    "state",
+    "agent",
+    "interfaces",
+    "vchan-port",
+    "unix-path",
+    "load",
+    "heartbeat",
+];
+
+/// One entry as read from xenstore: whatever another domain wrote, unchecked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RawEntry {
+    /// Values by key ([`ENTRY_KEYS`]); a key that does not exist is absent.
+    pub values: BTreeMap<String, Vec<u8>>,
+    /// Child names of `srs/` (empty when it does not exist).
+    pub srs: Vec<String>,
+}
+
+/// Checks and parses domain `dom`'s entry at time `now` (Unix seconds), applying the liveness
+/// rule with `stale_after`. `Err` says why the entry is skipped. Never panics, whatever the
+/// values (the registry fuzz target drives it).
+pub fn parse_record(
+    dom: DomId,
+    raw: &RawEntry,
+    now: u64,
+    stale_after: Duration,
+) -> std::result::Result<AgentRecord, String> {
+    let opt = |key: &str| -> std::result::Result<Option<&str>, String> {
+        let Some(v) = raw.values.get(key) else {
+            return Ok(None);
+        };
+        if v.len() > MAX_VALUE_LEN {
+            return Err(format!(
+                "{key} is {} bytes long (max {MAX_VALUE_LEN})",
+                v.len()
+            ));
+        }
+        std::str::from_utf8(v)
+            .map(Some)
+            .map_err(|_| format!("{key} is not UTF-8"))
+    };
+    let value = |key: &str| opt(key)?.ok_or_else(|| format!("missing key {key}"));
+    let version = value("version")?;
+    if version.trim() != SCHEMA_VERSION.to_string() {
+        return Err(format!("unknown schema version {:?}", truncate(version)));
+    }
+    let state_s = value("state")?;
+    let state = AgentState::parse(state_s).ok_or_else(|| {
+        format!(
+            "state {:?} is not starting/ready/stopping",
+            truncate(state_s)
+        )
+    })?;
+    let agent = value("agent")?.to_string();
+    let interfaces: Vec<String> = value("interfaces")?
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    let vchan_port = value("vchan-port")?.to_string();
+    let unix_path = opt("unix-path")?.map(str::to_string);
+    let load_s = value("load")?;
+    let load = load_s
+        .trim()
+        .parse::<u32>()
+        .map_err(|_| format!("load {:?} is not a number", truncate(load_s)))?;
+    let hb_s = value("heartbeat")?;
+    let heartbeat = hb_s
+        .trim()
+        .parse::<u64>()
+        .map_err(|_| format!("heartbeat {:?} is not a number", truncate(hb_s)))?;
+    let mut srs = raw.srs.clone();
+    srs.sort();
+    let stale = stale_after.as_secs();
+    let not_live_because = if state != AgentState::Ready {
+        Some(format!("state is {}", state.as_str()))
+    } else if now.saturating_sub(heartbeat) > stale {
+        Some(format!(
+            "heartbeat is {} s old (stale after {stale} s)",
+            now - heartbeat
+        ))
+    } else if heartbeat > now.saturating_add(stale) {
+        Some(format!("heartbeat is {} s in the future", heartbeat - now))
+    } else {
+        None
+    };
+    Ok(AgentRecord {
+        domid: dom,
+        agent,
+        interfaces,
+        vchan_port,
+        unix_path,
+        srs,
+        load,
+        state,
+        heartbeat,
+        live: not_live_because.is_none(),
+        not_live_because,
+    })
+}
+
 /// Why an entry was skipped.
 #[derive(Debug)]
 enum Skip {
@@ -413,113 +517,48 @@ impl Registry {
         Ok(out)
     }
 
-    async fn value(&self, base: &str, key: &str) -> Result<String, Skip> {
-        let p = format!("{base}/{key}");
-        let r = self.xs.read(&p).await;
-        let v = match r {
-            Ok(v) => v,
-            Err(e) if is_enoent(&e) => {
-                // Removed while we read it (deregistration) is not malformed.
-                return match self.xs.directory(base).await {
-                    Err(e) if is_enoent(&e) => Err(Skip::Absent),
-                    _ => Err(Skip::Bad(format!("missing key {key}"))),
-                };
-            }
-            Err(e) => return Err(Skip::Bad(format!("{key}: {e}"))),
-        };
-        if v.len() > MAX_VALUE_LEN {
-            return Err(Skip::Bad(format!(
-                "{key} is {} bytes long (max {MAX_VALUE_LEN})",
-                v.len()
-            )));
-        }
-        Ok(v)
-    }
-
-    async fn record(&self, dom: DomId) -> Result<AgentRecord, Skip> {
+    /// Reads domain `dom`'s entry as raw values, all keys at once (pipelined).
+    async fn raw_entry(&self, dom: DomId) -> Result<RawEntry, Skip> {
         let base = base_path(dom);
-        let vr = self.xs.read(&format!("{base}/version")).await;
-        let version = match vr {
-            Ok(v) => v,
-            Err(e) if is_enoent(&e) => {
-                // No version: no entry at all, or one being written.
-                return match self.xs.directory(&base).await {
-                    Err(e) if is_enoent(&e) => Err(Skip::Absent),
-                    _ => Err(Skip::Bad("missing key version".into())),
-                };
+        let reads = ENTRY_KEYS.iter().map(|k| {
+            let p = format!("{base}/{k}");
+            async move { (*k, self.xs.read_bytes(&p).await) }
+        });
+        let srs_path = format!("{base}/srs");
+        let (values, srs) = futures::join!(
+            futures::future::join_all(reads),
+            self.xs.directory(&srs_path)
+        );
+        let mut raw = RawEntry::default();
+        let mut missing = false;
+        for (k, r) in values {
+            match r {
+                Ok(v) => {
+                    raw.values.insert(k.to_string(), v);
+                }
+                Err(e) if is_enoent(&e) => missing |= k != "unix-path",
+                Err(e) => return Err(Skip::Bad(format!("{k}: {e}"))),
             }
-            Err(e) => return Err(Skip::Bad(format!("version: {e}"))),
-        };
-        if version.trim() != SCHEMA_VERSION.to_string() {
-            return Err(Skip::Bad(format!(
-                "unknown schema version {:?}",
-                truncate(&version)
-            )));
         }
-        let state_s = self.value(&base, "state").await?;
-        let state = AgentState::parse(&state_s).ok_or_else(|| {
-            Skip::Bad(format!(
-                "state {:?} is not starting/ready/stopping",
-                truncate(&state_s)
-            ))
-        })?;
-        let agent = self.value(&base, "agent").await?;
-        let interfaces: Vec<String> = self
-            .value(&base, "interfaces")
-            .await?
-            .split(',')
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-            .collect();
-        let vchan_port = self.value(&base, "vchan-port").await?;
-        let unix_path = match self.value(&base, "unix-path").await {
-            Ok(v) => Some(v),
-            Err(Skip::Bad(m)) if m.starts_with("missing key") => None,
-            Err(e) => return Err(e),
-        };
-        let load_s = self.value(&base, "load").await?;
-        let load = load_s
-            .trim()
-            .parse::<u32>()
-            .map_err(|_| Skip::Bad(format!("load {:?} is not a number", truncate(&load_s))))?;
-        let hb_s = self.value(&base, "heartbeat").await?;
-        let heartbeat = hb_s
-            .trim()
-            .parse::<u64>()
-            .map_err(|_| Skip::Bad(format!("heartbeat {:?} is not a number", truncate(&hb_s))))?;
-        let mut srs = match self.xs.directory(&format!("{base}/srs")).await {
+        raw.srs = match srs {
             Ok(v) => v,
             Err(e) if is_enoent(&e) => Vec::new(),
             Err(e) => return Err(Skip::Bad(format!("srs: {e}"))),
         };
-        srs.sort();
-        let now = now_secs();
-        let stale = self.stale_after.as_secs();
-        let not_live_because = if state != AgentState::Ready {
-            Some(format!("state is {}", state.as_str()))
-        } else if now.saturating_sub(heartbeat) > stale {
-            Some(format!(
-                "heartbeat is {} s old (stale after {stale} s)",
-                now - heartbeat
-            ))
-        } else if heartbeat > now + stale {
-            Some(format!("heartbeat is {} s in the future", heartbeat - now))
-        } else {
-            None
-        };
-        Ok(AgentRecord {
-            domid: dom,
-            agent,
-            interfaces,
-            vchan_port,
-            unix_path,
-            srs,
-            load,
-            state,
-            heartbeat,
-            live: not_live_because.is_none(),
-            not_live_because,
-        })
+        if missing {
+            // No entry at all, or one removed while we read it (deregistration): not malformed.
+            if let Err(e) = self.xs.directory(&base).await {
+                if is_enoent(&e) {
+                    return Err(Skip::Absent);
+                }
+            }
+        }
+        Ok(raw)
+    }
+
+    async fn record(&self, dom: DomId) -> Result<AgentRecord, Skip> {
+        let raw = self.raw_entry(dom).await?;
+        parse_record(dom, &raw, now_secs(), self.stale_after).map_err(Skip::Bad)
     }
 
     async fn record_or_warn(&self, dom: DomId) -> Option<AgentRecord> {
@@ -677,4 +716,72 @@ impl Registry {
 
 fn truncate(s: &str) -> String {
     s.chars().take(40).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(now: u64) -> RawEntry {
+        let mut raw = RawEntry::default();
+        for (k, v) in [
+            ("version", "1".to_string()),
+            ("state", "ready".into()),
+            ("agent", "ddstor 0.1.0".into()),
+            ("interfaces", "core,disk_differencing".into()),
+            ("vchan-port", "ddstor".into()),
+            ("load", "3".into()),
+            ("heartbeat", now.to_string()),
+        ] {
+            raw.values.insert(k.into(), v.into_bytes());
+        }
+        raw.srs = vec!["sr-b".into(), "sr-a".into()];
+        raw
+    }
+
+    #[test]
+    fn a_well_formed_entry_parses_live_with_sorted_srs() {
+        let r = parse_record(DomId(4), &entry(1000), 1005, STALE_AFTER).unwrap();
+        assert!(r.live, "{:?}", r.not_live_because);
+        assert_eq!(r.srs, ["sr-a", "sr-b"]);
+        assert_eq!((r.load, r.unix_path.as_deref()), (3, None));
+        assert_eq!(r.interfaces, ["core", "disk_differencing"]);
+    }
+
+    #[test]
+    fn hostile_values_are_reasons_to_skip() {
+        let bad = |k: &str, v: Option<&[u8]>| {
+            let mut raw = entry(1000);
+            match v {
+                Some(v) => raw.values.insert(k.into(), v.to_vec()),
+                None => raw.values.remove(k),
+            };
+            parse_record(DomId(4), &raw, 1000, STALE_AFTER).unwrap_err()
+        };
+        assert_eq!(bad("vchan-port", None), "missing key vchan-port");
+        assert_eq!(bad("state", Some(b"\xff\xfe")), "state is not UTF-8");
+        assert!(bad("agent", Some(&[b'x'; 3000])).contains("3000 bytes"));
+        assert!(bad("load", Some(b"-1")).contains("not a number"));
+        assert!(bad("version", Some(b"2")).contains("schema"));
+        assert!(bad("state", Some(b"running")).contains("starting/ready/stopping"));
+    }
+
+    #[test]
+    fn stale_and_future_heartbeats_are_not_live() {
+        let old = parse_record(DomId(4), &entry(1000), 1031, STALE_AFTER).unwrap();
+        assert!(!old.live && old.not_live_because.unwrap().contains("31 s old"));
+        let future = parse_record(DomId(4), &entry(2000), 1000, STALE_AFTER).unwrap();
+        assert!(future.not_live_because.unwrap().contains("in the future"));
+    }
+
+    /// Regression: a huge `stale_after` (e.g. `ddstor xs list --stale-after` with u64::MAX)
+    /// overflowed `now + stale` in the future-heartbeat check (the `registry_record` fuzz
+    /// target finds it within seconds when overflow checks are on).
+    #[test]
+    fn huge_stale_after_and_heartbeat_do_not_overflow() {
+        let r = parse_record(DomId(4), &entry(u64::MAX), 1000, Duration::MAX).unwrap();
+        assert!(r.live);
+        let r = parse_record(DomId(4), &entry(u64::MAX), u64::MAX, Duration::ZERO).unwrap();
+        assert!(r.live);
+    }
 }

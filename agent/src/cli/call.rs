@@ -1,12 +1,17 @@
 //! `ddstor call METHOD 'JSON-ARGS'`: one xapi storage call, JSON in and out; and the connection
 //! options shared by `ddstor call`, `ddstor sr …` and `ddstor vdi …`.
 
-use crate::client::{AgentClient, ClientError};
+use crate::client::{AgentClient, ClientError, Route};
 use anyhow::Context;
 use clap::Args;
 use interface::{xapi, Call, Response, StorageError};
 use std::io::{Read, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use transport::vchan::sim::SimXen;
+use transport::vchan::{Backend, BackendKind};
+use xs_registry::client::Xs;
 
 /// The default unix socket of the agent (also `$DDSTOR_SOCKET`).
 pub const DEFAULT_SOCKET: &str = "/run/ddstor/agent.sock";
@@ -16,23 +21,183 @@ pub const EXIT_STORAGE_ERROR: i32 = 1;
 /// Exit status when the agent could not be reached or broke the connection.
 pub const EXIT_TRANSPORT_ERROR: i32 = 2;
 
-/// How to reach the agent.
+/// Xen backend of a vchan client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClientXen {
+    /// Real Xen (`/dev/xen/gntdev`, `/dev/xen/evtchn`).
+    Xen,
+    /// Simulated Xen in `--xen-sim-dir` / `$XEN_SIM_DIR`.
+    Sim,
+}
+
+/// A vchan address: the agent's domain and its vchan port (`DOMID:PORT`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VchanAddr {
+    /// The agent's domain.
+    pub domid: u16,
+    /// Its vchan port name.
+    pub port: String,
+}
+
+impl std::str::FromStr for VchanAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (d, p) = s
+            .split_once(':')
+            .ok_or_else(|| format!("expected DOMID:PORT (e.g. 1:ddstor), got {s:?}"))?;
+        let domid = d
+            .parse()
+            .map_err(|_| format!("domain id {d:?} is not a number 0-65535"))?;
+        if p.is_empty()
+            || !p
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+        {
+            return Err(format!(
+                "vchan port {p:?} must be a non-empty name of letters, digits, '-' or '_'"
+            ));
+        }
+        Ok(VchanAddr {
+            domid,
+            port: p.to_string(),
+        })
+    }
+}
+
+/// How to reach the agent: `--vchan DOMID:PORT`, else `--lookup-sr SR-UUID` (xenstore), else
+/// `--unix PATH` (default /run/ddstor/agent.sock).
 #[derive(Debug, Clone, Args)]
 pub struct ConnectArgs {
-    /// The agent's unix socket.
-    #[arg(long, env = "DDSTOR_SOCKET", default_value = DEFAULT_SOCKET, value_name = "PATH")]
-    pub unix: PathBuf,
+    /// The agent's unix socket [default: /run/ddstor/agent.sock].
+    #[arg(long, env = "DDSTOR_SOCKET", value_name = "PATH")]
+    pub unix: Option<PathBuf>,
+    /// Reach the agent over vchan: its domain id and vchan port, e.g. `1:ddstor`.
+    #[arg(long, value_name = "DOMID:PORT")]
+    pub vchan: Option<VchanAddr>,
+    /// Find the agent serving this SR in the xenstore registry, then connect by vchan (or by
+    /// its unix socket when the agent runs in this client's own domain and the socket exists
+    /// here).
+    #[arg(long = "lookup-sr", value_name = "SR-UUID")]
+    pub lookup_sr: Option<String>,
+    /// This client's own domain id (the vchan's client end).
+    #[arg(
+        long = "domid",
+        env = "DDSTOR_DOMID",
+        value_name = "N",
+        default_value_t = 0
+    )]
+    pub domid: u16,
+    /// Xen backend for vchan [default: xen when /dev/xen/gntdev exists, else sim].
+    #[arg(long, env = "DDSTOR_XEN", value_enum)]
+    pub xen: Option<ClientXen>,
+    /// Simulated Xen directory (`--xen sim`).
+    #[arg(long, env = "XEN_SIM_DIR", value_name = "DIR")]
+    pub xen_sim_dir: Option<PathBuf>,
+    /// xenstored socket (vchan rendezvous and SR lookup) [default: /run/xenstored/socket].
+    #[arg(long, env = "XENSTORED_PATH", value_name = "PATH")]
+    pub xenstore_socket: Option<PathBuf>,
+    /// Seconds to keep trying to connect over vchan (the agent serves one vchan per client
+    /// domain at a time).
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub connect_timeout: u64,
+}
+
+fn non_empty(p: &Option<PathBuf>) -> Option<&PathBuf> {
+    p.as_ref().filter(|p| !p.as_os_str().is_empty())
 }
 
 impl ConnectArgs {
     /// Connects to the agent.
     pub async fn connect(&self) -> Result<AgentClient, ClientError> {
-        AgentClient::connect_unix(&self.unix).await
+        if self.vchan.is_some() && self.lookup_sr.is_some() {
+            return Err(ClientError::Lookup(
+                "give either --vchan or --lookup-sr/--sr, not both".into(),
+            ));
+        }
+        if let Some(v) = &self.vchan {
+            let xs = self.xenstore().await?;
+            return self.connect_vchan(&xs, v.domid, &v.port).await;
+        }
+        if let Some(sr) = &self.lookup_sr {
+            let xs = self.xenstore().await?;
+            let route = crate::client::lookup_sr(&xs, sr, self.domid).await?;
+            tracing::info!(sr = %sr, route = %route, "agent found in xenstore");
+            return match route {
+                Route::Unix(p) => AgentClient::connect_unix(p).await,
+                Route::Vchan { domid, port } => self.connect_vchan(&xs, domid, &port).await,
+            };
+        }
+        AgentClient::connect_unix(self.unix_path()).await
+    }
+
+    fn unix_path(&self) -> PathBuf {
+        non_empty(&self.unix)
+            .cloned()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+    }
+
+    async fn xenstore(&self) -> Result<Xs, ClientError> {
+        let sock = non_empty(&self.xenstore_socket)
+            .cloned()
+            .unwrap_or_else(|| PathBuf::from("/run/xenstored/socket"));
+        Xs::connect(&sock).await.map_err(|e| {
+            ClientError::Lookup(format!(
+                "connecting to xenstore at {} ({e}); pass --xenstore-socket or XENSTORED_PATH",
+                sock.display()
+            ))
+        })
+    }
+
+    fn backend(&self) -> Result<Arc<dyn Backend>, ClientError> {
+        let kind = self.xen.unwrap_or_else(|| {
+            if std::path::Path::new("/dev/xen/gntdev").exists() {
+                ClientXen::Xen
+            } else {
+                ClientXen::Sim
+            }
+        });
+        Ok(match kind {
+            ClientXen::Xen => transport::vchan::open_backend(BackendKind::Xen)?,
+            ClientXen::Sim => {
+                let dir = non_empty(&self.xen_sim_dir).ok_or_else(|| {
+                    ClientError::Lookup(
+                        "vchan over simulated Xen needs --xen-sim-dir or XEN_SIM_DIR \
+                         (or --xen xen on a Xen host)"
+                            .into(),
+                    )
+                })?;
+                Arc::new(SimXen::new(dir)?)
+            }
+        })
+    }
+
+    async fn connect_vchan(
+        &self,
+        xs: &Xs,
+        domid: u16,
+        port: &str,
+    ) -> Result<AgentClient, ClientError> {
+        let backend = self.backend()?;
+        AgentClient::connect_vchan(
+            xs,
+            &*backend,
+            self.domid,
+            domid,
+            port,
+            Duration::from_secs(self.connect_timeout),
+        )
+        .await
     }
 
     /// Where the agent is, for messages.
     pub fn describe(&self) -> String {
-        format!("unix socket {}", self.unix.display())
+        if let Some(v) = &self.vchan {
+            format!("vchan {}:{} as domain {}", v.domid, v.port, self.domid)
+        } else if let Some(sr) = &self.lookup_sr {
+            format!("the agent serving SR {sr} (xenstore lookup)")
+        } else {
+            format!("unix socket {}", self.unix_path().display())
+        }
     }
 }
 
@@ -40,6 +205,8 @@ impl ConnectArgs {
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  \
     ddstor call Query.query\n  \
+    ddstor call --vchan 1:ddstor --xen sim --xen-sim-dir /tmp/sim Query.query\n  \
+    ddstor call --sr 0f9c3d2e-1a2b-4c5d-8e9f-0123456789ab SR.stat '{\"sr\":\"0f9c3d2e-1a2b-4c5d-8e9f-0123456789ab\"}'\n  \
     ddstor call SR.create '{\"sr\":\"0f9c3d2e-1a2b-4c5d-8e9f-0123456789ab\",\"name_label\":\"local\"}'\n  \
     ddstor call VDI.create '{\"sr\":\"…\",\"vdi_info\":{\"name_label\":\"disk\",\"virtual_size\":1073741824}}'\n\n\
     The result is printed as JSON on stdout (xapi's shape). A storage error is printed as JSON\n\
@@ -48,6 +215,9 @@ impl ConnectArgs {
 pub struct CallArgs {
     #[command(flatten)]
     connect: ConnectArgs,
+    /// Find the agent serving this SR through xenstore (the same as --lookup-sr).
+    #[arg(long = "sr", value_name = "SR-UUID", conflicts_with = "lookup_sr")]
+    sr: Option<String>,
     /// The method, as xapi names it (e.g. `VDI.create`); `ddstor call --list` lists them.
     #[arg(required_unless_present = "list")]
     method: Option<String>,
@@ -143,7 +313,10 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// Runs `ddstor call`.
-pub fn run(a: CallArgs) -> anyhow::Result<()> {
+pub fn run(mut a: CallArgs) -> anyhow::Result<()> {
+    if let Some(sr) = a.sr.take() {
+        a.connect.lookup_sr = Some(sr);
+    }
     if a.list {
         for m in Call::METHODS {
             println!("{m}");

@@ -17,7 +17,11 @@ use interface::{Call, Reply, INTERFACES};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use transport::vchan::sim::SimXen;
+use transport::vchan::{Backend, BackendKind, DomId, VchanServer};
+use xs_registry::client::Xs;
 use xs_registry::registry::Registration;
+use xs_registry::rendezvous::XsRendezvous;
 
 /// On or off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -265,34 +269,20 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
             stopped(stop_rx.clone()),
         )));
     }
-    if cfg.xen != XenBackend::None {
-        anyhow::bail!(
-            "--xen {:?}: serving over vchan needs a xenstore rendezvous this build lacks; use --xen none",
-            cfg.xen
-        );
-    }
+    // One xenstore connection serves both the vchan rendezvous and the registration.
+    let xs = connect_xenstore(&cfg).await?;
+    let vchan_port = match &xs {
+        Some(xs) if cfg.xen != XenBackend::None => {
+            let (dom, handles) = start_vchan(&cfg, &server, xs, &stop_rx).await?;
+            listeners.extend(handles);
+            Some((dom, cfg.vchan.port.clone(), xs.clone()))
+        }
+        _ => None,
+    };
     // Announce only once listening: the registry writes `state = ready` last.
-    let announcer: Option<Arc<dyn Announcer>> = if cfg.xenstore.enabled {
-        let sock = cfg.xenstore.socket_path();
-        let xs = xs_registry::client::Xs::connect(&sock)
-            .await
-            .with_context(|| format!("connecting to xenstore at {}", sock.display()))?;
-        let unix_path =
-            (!cfg.unix.path.as_os_str().is_empty()).then(|| cfg.unix.path.display().to_string());
-        let reg = Registration {
-            agent: format!("ddstor {}", env!("CARGO_PKG_VERSION")),
-            interfaces: INTERFACES.iter().map(|s| s.to_string()).collect(),
-            vchan_port: cfg.vchan.port.clone(),
-            unix_path,
-            srs: Vec::new(),
-            load: 0,
-        };
-        let a = XsAnnouncer::register(xs, &reg)
-            .await
-            .context("registering in xenstore")?;
-        Some(Arc::new(a))
-    } else {
-        None
+    let announcer = match &xs {
+        Some(xs) if cfg.xenstore.enabled => Some(register(&cfg, xs.clone()).await?),
+        _ => None,
     };
     let announce_task = announcer.clone().map(|a| {
         tokio::spawn(server::run_announcer(
@@ -303,6 +293,7 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
     });
     tracing::info!(
         unix = %cfg.unix.path.display(),
+        vchan = %vchan_port.as_ref().map(|(d, p, _)| format!("dom{d}:{p} for {:?}", cfg.vchan.clients)).unwrap_or_else(|| "off".into()),
         nbd = %cfg.nbd_socket().display(),
         data_dir = %cfg.data_dir.display(),
         xenstore = cfg.xenstore.enabled,
@@ -318,6 +309,9 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     for l in listeners {
         let _ = l.await;
+    }
+    if let Some((dom, port, xs)) = &vchan_port {
+        remove_rendezvous(xs, *dom, port, &cfg.vchan.clients).await;
     }
     let left = server
         .shutdown(Duration::from_secs(cfg.shutdown_grace_secs))
@@ -340,6 +334,141 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
     tracing::info!("stopped");
     Ok(())
 }
+
+/// Connects to xenstore when the agent registers there or serves vchan (whose rendezvous
+/// lives in xenstore); `None` otherwise.
+async fn connect_xenstore(cfg: &AgentConfig) -> anyhow::Result<Option<Xs>> {
+    if !cfg.xenstore.enabled && cfg.xen == XenBackend::None {
+        return Ok(None);
+    }
+    let sock = cfg.xenstore.socket_path();
+    let why = if cfg.xenstore.enabled {
+        "registering in xenstore"
+    } else {
+        "publishing the vchan rendezvous"
+    };
+    let xs = Xs::connect(&sock).await.with_context(|| {
+        format!(
+            "connecting to xenstore at {} ({why}); start xenstored (or `ddstor xenstored --socket PATH`) \
+             and pass --xenstore-socket or XENSTORED_PATH",
+            sock.display()
+        )
+    })?;
+    Ok(Some(xs))
+}
+
+/// Registers the agent in xenstore (state `ready` last), announcing its unix path and vchan port.
+async fn register(cfg: &AgentConfig, xs: Xs) -> anyhow::Result<Arc<dyn Announcer>> {
+    let unix_path =
+        (!cfg.unix.path.as_os_str().is_empty()).then(|| cfg.unix.path.display().to_string());
+    let reg = Registration {
+        agent: format!("ddstor {}", env!("CARGO_PKG_VERSION")),
+        interfaces: INTERFACES.iter().map(|s| s.to_string()).collect(),
+        vchan_port: cfg.vchan.port.clone(),
+        unix_path,
+        srs: Vec::new(),
+        load: 0,
+    };
+    let a = XsAnnouncer::register(xs, &reg)
+        .await
+        .context("registering in xenstore")?;
+    Ok(Arc::new(a))
+}
+
+/// This domain's id as xenstore knows it (its relative `domid` key); falls back to the
+/// configured one when xenstore does not say, and warns when they differ.
+async fn own_domid(cfg: &AgentConfig, xs: &Xs) -> u16 {
+    match xs.read("domid").await.map(|v| v.trim().parse::<u16>()) {
+        Ok(Ok(d)) => {
+            if d != cfg.domid {
+                tracing::warn!(
+                    configured = cfg.domid,
+                    xenstore = d,
+                    "--domid differs from the domain xenstore says this is; using xenstore's"
+                );
+            }
+            d
+        }
+        _ => cfg.domid,
+    }
+}
+
+/// Opens the configured Xen backend (`sim` in the configured directory, or `/dev/xen`).
+fn open_backend(cfg: &AgentConfig) -> anyhow::Result<Arc<dyn Backend>> {
+    Ok(match cfg.xen {
+        XenBackend::Sim => {
+            let dir = cfg
+                .sim_dir()
+                .context("--xen sim needs --xen-sim-dir or XEN_SIM_DIR")?;
+            Arc::new(SimXen::new(&dir).with_context(|| {
+                format!("opening the simulated Xen in {}", dir.display())
+            })?)
+        }
+        XenBackend::Xen => transport::vchan::open_backend(BackendKind::Xen)
+            .context("opening /dev/xen (gntalloc, gntdev, evtchn); is this a Xen domain with the xen modules loaded?")?,
+        XenBackend::None => anyhow::bail!("no Xen backend configured"),
+    })
+}
+
+/// Starts one vchan listener per configured client domain (rendezvous in xenstore, under
+/// this domain's `/local/domain/<D>/data/vchan/<client>/<port>`), each stopping when `stop`
+/// turns true. Returns this domain's id and the listener tasks.
+async fn start_vchan(
+    cfg: &AgentConfig,
+    server: &Server,
+    xs: &Xs,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<(u16, Vec<tokio::task::JoinHandle<()>>)> {
+    let backend = open_backend(cfg)?;
+    let me = own_domid(cfg, xs).await;
+    let rendezvous = Arc::new(XsRendezvous::new(xs.clone()));
+    let mut handles = Vec::new();
+    for &client in &cfg.vchan.clients {
+        let listener = VchanServer::new(
+            backend.clone(),
+            rendezvous.clone(),
+            DomId(me),
+            DomId(client),
+            cfg.vchan.port.clone(),
+            VCHAN_RING_BYTES,
+            VCHAN_RING_BYTES,
+        )
+        .with_context(|| format!("setting up the vchan for domain {client}"))?
+        .with_stall_timeout(Duration::from_secs(cfg.shutdown_grace_secs.max(5)));
+        tracing::info!(
+            server = me,
+            client,
+            port = %cfg.vchan.port,
+            backend = backend.name(),
+            "vchan listening"
+        );
+        let mut rx = stop.clone();
+        handles.push(tokio::spawn(server::run_vchan_listener(
+            server.clone(),
+            listener,
+            client,
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            },
+        )));
+    }
+    Ok((me, handles))
+}
+
+/// Removes the rendezvous keys of rings published but never connected (clients must not find
+/// a stopped agent's ring).
+async fn remove_rendezvous(xs: &Xs, me: u16, port: &str, clients: &[u16]) {
+    use transport::vchan::Rendezvous;
+    let rz = XsRendezvous::new(xs.clone());
+    for &c in clients {
+        if let Err(e) = rz.remove(DomId(me), DomId(c), port).await {
+            tracing::warn!(client = c, error = %e, "could not remove the vchan rendezvous");
+        }
+    }
+}
+
+/// Bytes of each vchan ring direction (order 16: 16 granted pages each way).
+const VCHAN_RING_BYTES: usize = 64 << 10;
 
 /// Runs `ddstor serve`.
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {

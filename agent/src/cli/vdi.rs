@@ -14,6 +14,9 @@ pub struct VdiArgs {
     /// The SR holding the VDIs.
     #[arg(long, env = "DDSTOR_SR", global = true)]
     sr: Option<String>,
+    /// Find the agent serving --sr through the xenstore registry (as --lookup-sr SR).
+    #[arg(long, global = true)]
+    lookup: bool,
     #[command(subcommand)]
     command: VdiCommand,
 }
@@ -155,10 +158,13 @@ fn print_new(v: VdiInfo, json: bool) {
 }
 
 /// Runs `ddstor vdi`.
-pub fn run(a: VdiArgs) -> anyhow::Result<()> {
+pub fn run(mut a: VdiArgs) -> anyhow::Result<()> {
     let Some(sr) = a.sr.clone() else {
         anyhow::bail!("which SR? pass --sr UUID (or set DDSTOR_SR)");
     };
+    if a.lookup {
+        a.connect.lookup_sr = Some(sr.clone());
+    }
     let sr = SrId::new(sr);
     let rt = runtime()?;
     let target = a.connect.describe();

@@ -43,6 +43,17 @@ pub trait DatapathHooks: Send + Sync + std::fmt::Debug + 'static {
         Box::pin(async { Ok(()) })
     }
 
+    /// Called after `VDI.epoch_begin`/`VDI.epoch_end` changed the VDI's record (no lock held):
+    /// a non-persistent disk gets a fresh empty layer for the epoch, thrown away at its end.
+    fn after_epoch_change<'a>(
+        &'a self,
+        _storage: &'a super::Storage,
+        _sr: &'a str,
+        _vdi: &'a str,
+    ) -> HookFuture<'a> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// Called before an SR is detached: tear down its datapaths.
     fn before_sr_detach<'a>(&'a self, _sr: &'a str) -> HookFuture<'a> {
         Box::pin(async { Ok(()) })

@@ -636,20 +636,25 @@ impl Storage {
     ) -> Result<VdiView> {
         validate::name_label(vm)?;
         let vm = vm.to_string();
-        self.update(sr, vdi, move |r| {
-            r.epoch = Some(Epoch {
-                vm,
-                persistent,
-                began: time::now_rfc3339(),
+        let v = self
+            .update(sr, vdi, move |r| {
+                r.epoch = Some(Epoch {
+                    vm,
+                    persistent,
+                    began: time::now_rfc3339(),
+                })
             })
-        })
-        .await
+            .await?;
+        self.hooks.after_epoch_change(self, sr, vdi).await?;
+        Ok(v)
     }
 
     /// `VDI.epoch_end`: records that the VM stopped using the VDI.
     pub async fn vdi_epoch_end(&self, sr: &str, vdi: &str, vm: &str) -> Result<VdiView> {
         validate::name_label(vm)?;
-        self.update(sr, vdi, |r| r.epoch = None).await
+        let v = self.update(sr, vdi, |r| r.epoch = None).await?;
+        self.hooks.after_epoch_change(self, sr, vdi).await?;
+        Ok(v)
     }
 
     /// Updates the persisted datapath states of a VDI (for the datapath layer).

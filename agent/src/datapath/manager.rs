@@ -120,6 +120,57 @@ type Key = (String, String);
 struct VdiDps {
     dps: BTreeMap<String, DpState>,
     export: Option<Arc<Export>>,
+    /// The export serves the epoch overlay (non-persistent disk), not the leaf.
+    overlay: bool,
+}
+
+/// A live export, readable without the per-VDI lock.
+#[derive(Clone)]
+struct Live {
+    export: Arc<Export>,
+    state: DpState,
+    overlay: bool,
+}
+
+/// The file that holds a non-persistent VDI's writes during an epoch: `.<vdi>.epoch.vhd`, an
+/// empty differencing child of the leaf created at `VDI.epoch_begin` and deleted at
+/// `VDI.epoch_end`. Dot-named, so SR scans and the GC never take it for a chain node.
+pub fn overlay_path(leaf: &Path, vdi: &str) -> PathBuf {
+    leaf.with_file_name(format!(".{vdi}.epoch.vhd"))
+}
+
+/// Creates a fresh empty overlay of `leaf` at `ov` (at a temporary name, then renamed, so an
+/// overlay that exists is complete).
+async fn create_overlay(leaf: PathBuf, ov: PathBuf) -> Result<()> {
+    let what = format!("creating the epoch layer {}", ov.display());
+    tokio::task::spawn_blocking(move || -> std::result::Result<(), String> {
+        let tmp = ov.with_extension("vhd.part");
+        let _ = std::fs::remove_file(&tmp);
+        vhd::create_differencing(&tmp, &leaf, &vhd::CreateOptions::default())
+            .map_err(|e| e.to_string())?;
+        std::fs::rename(&tmp, &ov).map_err(|e| e.to_string())?;
+        if let Some(d) = ov.parent() {
+            std::fs::File::open(d)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| backend(interface::codes::IO_ERROR, format!("{what}: task: {e}")))?
+    .map_err(|e| backend(interface::codes::IO_ERROR, format!("{what}: {e}")))
+}
+
+/// Deletes an epoch overlay (the writes of the epoch are thrown away).
+fn remove_overlay(ov: &Path) -> Result<()> {
+    match std::fs::remove_file(ov) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(backend(
+            interface::codes::IO_ERROR,
+            format!("deleting the epoch layer {}: {e}", ov.display()),
+        )),
+    }
 }
 
 /// The datapath layer of the agent: the NBD server, its exports, and every VDI's dp states.
@@ -129,7 +180,7 @@ pub struct Datapaths {
     vdis: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<VdiDps>>>>,
     /// Live exports by VDI, readable without the per-VDI lock (hooks run under the engine's
     /// VDI lock, which transitions take after the per-VDI lock: never wait for it there).
-    live: Mutex<HashMap<Key, (Arc<Export>, DpState)>>,
+    live: Mutex<HashMap<Key, Live>>,
 }
 
 impl std::fmt::Debug for Datapaths {
@@ -296,7 +347,8 @@ impl Datapaths {
         let rw = rw_of(to) == Some(RoRw::RW);
         let export = match g.export.clone() {
             None => {
-                let backend = self.open_chain(st, sr, vdi, rw).await?;
+                let (backend, overlay) = self.open_chain(st, sr, vdi, rw).await?;
+                g.overlay = overlay;
                 let e = self
                     .exports
                     .add(
@@ -316,7 +368,8 @@ impl Datapaths {
                 if rw_of(from) != rw_of(to) {
                     // RO <-> RW: re-open the chain in the new mode behind the paused gate.
                     e.pause().await.map_err(|x| dp_error("pausing I/O", x))?;
-                    let backend = self.open_chain(st, sr, vdi, rw).await?;
+                    let (backend, overlay) = self.open_chain(st, sr, vdi, rw).await?;
+                    g.overlay = overlay;
                     e.replace_backend(backend)
                         .map_err(|x| dp_error("switching the chain", x))?;
                 }
@@ -336,10 +389,14 @@ impl Datapaths {
                 .await
                 .map_err(|x| dp_error("completing and flushing I/O", x))?,
         }
-        self.live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key, (export, to));
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            key,
+            Live {
+                export,
+                state: to,
+                overlay: g.overlay,
+            },
+        );
         Ok(())
     }
 
@@ -349,9 +406,72 @@ impl Datapaths {
         sr: &str,
         vdi: &str,
         rw: bool,
-    ) -> Result<Arc<dyn super::BlockBackend>> {
+    ) -> Result<(Arc<dyn super::BlockBackend>, bool)> {
+        let (leaf, overlay) = self.serving_leaf(st, sr, vdi).await?;
+        Ok((open_leaf(leaf, rw).await?, overlay))
+    }
+
+    /// The top of the chain the export of `vdi` serves: during an epoch of a non-persistent
+    /// disk its overlay (created if missing, e.g. when the agent restarted), else its leaf.
+    async fn serving_leaf(&self, st: &Storage, sr: &str, vdi: &str) -> Result<(PathBuf, bool)> {
         let (leaf, _) = st.vdi_chain(sr, vdi).await?;
-        open_leaf(leaf, rw).await
+        let rec = st.vdi_stat(sr, vdi).await?.record;
+        if !rec.epoch.as_ref().is_some_and(|e| !e.persistent) {
+            return Ok((leaf, false));
+        }
+        let ov = overlay_path(&leaf, vdi);
+        if !ov.exists() {
+            create_overlay(leaf, ov.clone()).await?;
+        }
+        Ok((ov, true))
+    }
+
+    /// After `VDI.epoch_begin`/`epoch_end`: a non-persistent disk's previous epoch layer is
+    /// thrown away, and a new epoch of one starts with a fresh empty layer; a live export is
+    /// paused (in-flight I/O completes), switched, and resumed if it was activated.
+    pub async fn sync_epoch(&self, st: &Storage, sr: &str, vdi: &str) -> Result<()> {
+        let entry = self.entry(sr, vdi);
+        let mut g = entry.lock().await;
+        let (leaf, _) = st.vdi_chain(sr, vdi).await?;
+        let rec = st.vdi_stat(sr, vdi).await?.record;
+        let fresh = rec.epoch.as_ref().is_some_and(|e| !e.persistent);
+        let ov = overlay_path(&leaf, vdi);
+        if !fresh && !g.overlay && !ov.exists() {
+            return Ok(());
+        }
+        let export = g.export.clone();
+        if let Some(e) = &export {
+            e.pause()
+                .await
+                .map_err(|x| dp_error("pausing I/O for the epoch change", x))?;
+        }
+        remove_overlay(&ov)?;
+        let top = if fresh {
+            create_overlay(leaf.clone(), ov.clone()).await?;
+            ov
+        } else {
+            leaf
+        };
+        g.overlay = fresh;
+        tracing::info!(sr, vdi, non_persistent_epoch = fresh, top = %top.display(), "epoch change");
+        if let Some(e) = export {
+            let state = superstate(g.dps.values());
+            let b = open_leaf(top, rw_of(state) == Some(RoRw::RW)).await?;
+            e.replace_backend(b)
+                .map_err(|x| dp_error("switching the export for the epoch", x))?;
+            self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                (sr.to_string(), vdi.to_string()),
+                Live {
+                    export: e.clone(),
+                    state,
+                    overlay: fresh,
+                },
+            );
+            if matches!(state, DpState::Activated(_)) {
+                e.resume().await;
+            }
+        }
+        Ok(())
     }
 
     /// `VDI.attach2/3`: the backend implementations (the NBD URI; no kernel nbd device here).
@@ -571,7 +691,7 @@ impl DatapathHooks for Datapaths {
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&(sr.to_string(), vdi.to_string()))
                 .cloned();
-            if let Some((e, _)) = live {
+            if let Some(Live { export: e, .. }) = live {
                 e.pause()
                     .await
                     .map_err(|x| dp_error("pausing I/O for the leaf switch", x))?;
@@ -588,9 +708,32 @@ impl DatapathHooks for Datapaths {
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&(sr.to_string(), vdi.to_string()))
                 .cloned();
-            if let Some((e, state)) = live {
+            if let Some(Live {
+                export: e,
+                state,
+                overlay,
+            }) = live
+            {
                 let rw = rw_of(state) == Some(RoRw::RW);
-                let b = open_leaf(leaf, rw).await?;
+                let top = if overlay {
+                    // The epoch layer's parent was the old leaf (now the hidden base, same
+                    // content as the new empty leaf): re-point it at the new leaf.
+                    let ov = overlay_path(&leaf, vdi);
+                    let (o2, l2) = (ov.clone(), leaf.clone());
+                    tokio::task::spawn_blocking(move || vhd::set_parent(&o2, &l2))
+                        .await
+                        .map_err(|e| backend(interface::codes::IO_ERROR, format!("task: {e}")))?
+                        .map_err(|e| {
+                            backend(
+                                interface::codes::IO_ERROR,
+                                format!("re-pointing the epoch layer {}: {e}", ov.display()),
+                            )
+                        })?;
+                    ov
+                } else {
+                    leaf
+                };
+                let b = open_leaf(top, rw).await?;
                 e.replace_backend(b)
                     .map_err(|x| dp_error("switching the export to the new leaf", x))?;
                 if matches!(state, DpState::Activated(_)) {
@@ -599,6 +742,15 @@ impl DatapathHooks for Datapaths {
             }
             Ok(())
         })
+    }
+
+    fn after_epoch_change<'a>(
+        &'a self,
+        storage: &'a Storage,
+        sr: &'a str,
+        vdi: &'a str,
+    ) -> HookFuture<'a> {
+        Box::pin(self.sync_epoch(storage, sr, vdi))
     }
 
     fn before_sr_detach<'a>(&'a self, sr: &'a str) -> HookFuture<'a> {
@@ -970,6 +1122,131 @@ mod tests {
         assert_eq!(
             nbd_io(&mut c, proto::CMD_READ, 0, &[], 4096).await,
             (0, vec![3; 4096])
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn non_persistent_epoch_writes_vanish_at_epoch_end_and_next_epoch_starts_fresh() {
+        let env = Env::new();
+        let (st, dps) = env.start().await;
+        let vdi = new_vdi(&st).await;
+        dps.attach(&st, SR, &vdi, "dp", true).await.unwrap();
+        dps.transition(&st, SR, &vdi, "dp", Op::Activate)
+            .await
+            .unwrap();
+        let mut c = nbd_connect(&env.sock, &export_name(SR, &vdi)).await;
+        assert_eq!(
+            nbd_io(&mut c, proto::CMD_WRITE, 0, &[5; 4096], 4096)
+                .await
+                .0,
+            0
+        );
+        st.vdi_set_persistent(SR, &vdi, false).await.unwrap();
+        // Epoch begins while the datapath is live: the export switches to a fresh layer.
+        st.vdi_epoch_begin(SR, &vdi, "vm1", false).await.unwrap();
+        let (leaf, _) = st.vdi_chain(SR, &vdi).await.unwrap();
+        let ov = overlay_path(&leaf, &vdi);
+        assert!(ov.exists());
+        assert_eq!(
+            nbd_io(&mut c, proto::CMD_READ, 0, &[], 4096).await,
+            (0, vec![5; 4096])
+        );
+        assert_eq!(
+            nbd_io(&mut c, proto::CMD_WRITE, 0, &[6; 4096], 4096)
+                .await
+                .0,
+            0
+        );
+        assert_eq!(
+            nbd_io(&mut c, proto::CMD_READ, 0, &[], 4096).await,
+            (0, vec![6; 4096])
+        );
+        // A reboot: epoch_end + epoch_begin, still attached — the epoch's writes are gone.
+        st.vdi_epoch_end(SR, &vdi, "vm1").await.unwrap();
+        assert!(!ov.exists());
+        assert_eq!(
+            nbd_io(&mut c, proto::CMD_READ, 0, &[], 4096).await,
+            (0, vec![5; 4096])
+        );
+        st.vdi_epoch_begin(SR, &vdi, "vm1", false).await.unwrap();
+        assert_eq!(
+            nbd_io(&mut c, proto::CMD_WRITE, 8192, &[7; 512], 512)
+                .await
+                .0,
+            0
+        );
+        drop(c);
+        // Detached and re-attached within the epoch: the epoch's writes are still there.
+        dps.transition(&st, SR, &vdi, "dp", Op::Deactivate)
+            .await
+            .unwrap();
+        dps.transition(&st, SR, &vdi, "dp", Op::Detach)
+            .await
+            .unwrap();
+        dps.attach(&st, SR, &vdi, "dp", true).await.unwrap();
+        dps.transition(&st, SR, &vdi, "dp", Op::Activate)
+            .await
+            .unwrap();
+        let mut c = nbd_connect(&env.sock, &export_name(SR, &vdi)).await;
+        assert_eq!(
+            nbd_io(&mut c, proto::CMD_READ, 8192, &[], 512).await,
+            (0, vec![7; 512])
+        );
+        drop(c);
+        dps.transition(&st, SR, &vdi, "dp", Op::Deactivate)
+            .await
+            .unwrap();
+        dps.transition(&st, SR, &vdi, "dp", Op::Detach)
+            .await
+            .unwrap();
+        st.vdi_epoch_end(SR, &vdi, "vm1").await.unwrap();
+        assert!(!ov.exists());
+        // The leaf itself never saw the epochs' writes.
+        let ch = vhd::Chain::open(&leaf, &vhd::ChainOptions::new(leaf.parent().unwrap())).unwrap();
+        let mut buf = vec![0u8; 512];
+        ch.read_at(&mut buf, 8192).unwrap();
+        assert_eq!(buf, vec![0; 512]);
+        ch.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, vec![5; 512]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn snapshot_during_a_non_persistent_epoch_keeps_the_epoch_layer_on_the_new_leaf() {
+        let env = Env::new();
+        let (st, dps) = env.start().await;
+        let vdi = new_vdi(&st).await;
+        st.vdi_set_persistent(SR, &vdi, false).await.unwrap();
+        st.vdi_epoch_begin(SR, &vdi, "vm1", false).await.unwrap();
+        dps.attach(&st, SR, &vdi, "dp", true).await.unwrap();
+        dps.transition(&st, SR, &vdi, "dp", Op::Activate)
+            .await
+            .unwrap();
+        let mut c = nbd_connect(&env.sock, &export_name(SR, &vdi)).await;
+        assert_eq!(
+            nbd_io(&mut c, proto::CMD_WRITE, 0, &[9; 4096], 4096)
+                .await
+                .0,
+            0
+        );
+        let snap = st
+            .vdi_snapshot(SR, &vdi, VdiDerive::default(), false)
+            .await
+            .unwrap();
+        assert_eq!(
+            nbd_io(&mut c, proto::CMD_READ, 0, &[], 4096).await,
+            (0, vec![9; 4096])
+        );
+        // The snapshot holds the persistent content, not the epoch's writes.
+        let (sleaf, _) = st.vdi_chain(SR, &snap.record.uuid).await.unwrap();
+        let ch =
+            vhd::Chain::open(&sleaf, &vhd::ChainOptions::new(sleaf.parent().unwrap())).unwrap();
+        let mut buf = vec![1u8; 4096];
+        ch.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, vec![0; 4096]);
+        st.vdi_epoch_end(SR, &vdi, "vm1").await.unwrap();
+        assert_eq!(
+            nbd_io(&mut c, proto::CMD_READ, 0, &[], 4096).await,
+            (0, vec![0; 4096])
         );
     }
 

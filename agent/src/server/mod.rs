@@ -50,9 +50,48 @@ pub trait Announcer: Send + Sync + 'static {
     fn deregister(&self) -> BoxFuture<'_, Result<(), String>>;
 }
 
+/// The transport a connection came in on (counters are kept per transport).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// The unix socket.
+    Unix,
+    /// A vchan (shared ring with a client domain).
+    Vchan,
+}
+
+impl Transport {
+    /// Every transport, in the order diagnostics print them.
+    pub const ALL: [Transport; 2] = [Transport::Unix, Transport::Vchan];
+
+    /// Short name ("unix", "vchan").
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Unix => "unix",
+            Transport::Vchan => "vchan",
+        }
+    }
+}
+
+/// Counters of one transport.
+#[derive(Debug, Default)]
+pub struct TransportStats {
+    /// Calls answered over this transport since start.
+    pub calls: AtomicU64,
+    /// Of which answered with an error.
+    pub errors: AtomicU64,
+    /// Calls running now.
+    pub in_flight: AtomicUsize,
+    /// Connections open now.
+    pub connections: AtomicUsize,
+    /// Connections accepted since start.
+    pub connections_total: AtomicU64,
+}
+
 /// Counters of the running server (for `Query.diagnostics` and tests).
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// Per transport, indexed like [`Transport::ALL`] (see [`Stats::transport`]).
+    pub per_transport: [TransportStats; 2],
     /// Calls currently running.
     pub in_flight: AtomicUsize,
     /// Calls answered since start.
@@ -65,6 +104,13 @@ pub struct Stats {
     pub connections_total: AtomicU64,
 }
 
+impl Stats {
+    /// The counters of one transport.
+    pub fn transport(&self, t: Transport) -> &TransportStats {
+        &self.per_transport[t as usize]
+    }
+}
+
 struct Shared {
     service: Arc<dyn Service>,
     hello: Hello,
@@ -74,7 +120,10 @@ struct Shared {
     idle: Notify,
     srs_changed: Notify,
     started: Instant,
+    extra_diagnostics: std::sync::Mutex<Vec<(String, DiagFn)>>,
 }
+
+type DiagFn = Box<dyn Fn() -> String + Send + Sync>;
 
 /// The call dispatcher shared by every connection. Cheap to clone.
 #[derive(Clone)]
@@ -129,6 +178,7 @@ impl Server {
                 idle: Notify::new(),
                 srs_changed: Notify::new(),
                 started: Instant::now(),
+                extra_diagnostics: std::sync::Mutex::new(Vec::new()),
             }),
         }
     }
@@ -210,6 +260,7 @@ impl Server {
                 let svc = shared.service.clone();
                 let notify_srs = changes_srs(&call);
                 let method = call.method();
+                let is_diagnostics = matches!(call, Call::QueryDiagnostics { .. });
                 let task = tokio::spawn(
                     async move { svc.handle(call).await }.instrument(tracing::Span::current()),
                 );
@@ -226,7 +277,12 @@ impl Server {
                 if notify_srs && reply.is_ok() {
                     shared.srs_changed.notify_one();
                 }
-                reply
+                match reply {
+                    Ok(Response::Text(t)) if is_diagnostics => {
+                        Ok(Response::Text(format!("{}{t}", self.diagnostics())))
+                    }
+                    other => other,
+                }
             };
             let duration_us = t0.elapsed().as_micros() as u64;
             shared.stats.calls.fetch_add(1, Ordering::Relaxed);
@@ -244,28 +300,47 @@ impl Server {
     }
 
     /// Serves one connection in a new task until the peer leaves or the connection breaks
-    /// (the reason is logged; other connections are unaffected).
-    pub fn spawn_connection<S>(&self, stream: S, peer: String) -> JoinHandle<()>
+    /// (the reason is logged; other connections are unaffected). Counted under `transport`.
+    pub fn spawn_connection<S>(
+        &self,
+        stream: S,
+        transport: Transport,
+        peer: String,
+    ) -> JoinHandle<()>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let server = self.clone();
-        let span = tracing::info_span!("conn", peer = %peer);
+        let span = tracing::info_span!("conn", transport = transport.name(), peer = %peer);
         tokio::spawn(
             async move {
                 let stats = &server.shared.stats;
+                let ts = stats.transport(transport);
                 stats.connections.fetch_add(1, Ordering::Relaxed);
                 stats.connections_total.fetch_add(1, Ordering::Relaxed);
+                ts.connections.fetch_add(1, Ordering::Relaxed);
+                ts.connections_total.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!("connection open");
                 let hello = server.shared.hello.clone();
                 let opts = server.shared.opts;
                 let s2 = server.clone();
                 let result = serve_connection_with(stream, hello, opts, move |call: Call| {
                     let s = s2.clone();
-                    async move { s.handle_call(call).await }
+                    async move {
+                        let ts = s.shared.stats.transport(transport);
+                        ts.in_flight.fetch_add(1, Ordering::Relaxed);
+                        let reply = s.handle_call(call).await;
+                        ts.in_flight.fetch_sub(1, Ordering::Relaxed);
+                        ts.calls.fetch_add(1, Ordering::Relaxed);
+                        if reply.is_err() {
+                            ts.errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                        reply
+                    }
                 })
                 .await;
                 stats.connections.fetch_sub(1, Ordering::Relaxed);
+                ts.connections.fetch_sub(1, Ordering::Relaxed);
                 match result {
                     Ok(()) => tracing::debug!("connection closed"),
                     Err(e) => tracing::info!(reason = %e, "connection ended"),
@@ -293,10 +368,12 @@ impl Server {
         }
     }
 
-    /// A human-readable summary of the server (prepended to `Query.diagnostics`).
+    /// A human-readable summary of the server (prepended to `Query.diagnostics`): uptime,
+    /// totals, then one line per transport.
     pub fn diagnostics(&self) -> String {
+        use std::fmt::Write;
         let s = &self.shared.stats;
-        format!(
+        let mut out = format!(
             "server: uptime {}s, connections {} open / {} total, calls {} ({} errors), {} in flight, stopping {}\n",
             self.uptime().as_secs(),
             s.connections.load(Ordering::Relaxed),
@@ -305,7 +382,40 @@ impl Server {
             s.errors.load(Ordering::Relaxed),
             s.in_flight.load(Ordering::Relaxed),
             self.is_stopping(),
-        )
+        );
+        for t in Transport::ALL {
+            let ts = s.transport(t);
+            let _ = writeln!(
+                out,
+                "  {}: connections {} open / {} total, calls {} ({} errors), {} in flight",
+                t.name(),
+                ts.connections.load(Ordering::Relaxed),
+                ts.connections_total.load(Ordering::Relaxed),
+                ts.calls.load(Ordering::Relaxed),
+                ts.errors.load(Ordering::Relaxed),
+                ts.in_flight.load(Ordering::Relaxed),
+            );
+        }
+        for (name, text) in self
+            .shared
+            .extra_diagnostics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(out, "{name}: {}", text().trim_end());
+        }
+        out
+    }
+
+    /// Adds a named section to `Query.diagnostics` (e.g. the vchan listeners), produced on
+    /// each call by `f`.
+    pub fn add_diagnostics(&self, name: &str, f: impl Fn() -> String + Send + Sync + 'static) {
+        self.shared
+            .extra_diagnostics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((name.to_string(), Box::new(f)));
     }
 }
 
@@ -322,7 +432,7 @@ pub async fn run_unix_listener(
             r = listener.accept() => match r {
                 Ok((stream, cred)) => {
                     let peer = format!("unix uid {} pid {}", cred.uid.0, cred.pid.unwrap_or(-1));
-                    server.spawn_connection(stream, peer);
+                    server.spawn_connection(stream, Transport::Unix, peer);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed; retrying");
@@ -336,7 +446,9 @@ pub async fn run_unix_listener(
 
 /// Serves one client domain over vchan until `stop` resolves: publish a ring, wait for the
 /// client, serve that connection until it leaves, publish again. One vchan per (client, port)
-/// at a time, as libxenvchan; the client pipelines its calls over it.
+/// at a time, as libxenvchan; the client pipelines its calls over it. A ring published but
+/// not connected when `stop` resolves leaves its rendezvous keys behind: the caller removes
+/// them (`Rendezvous::remove`).
 pub async fn run_vchan_listener(
     server: Server,
     listener: transport::vchan::VchanServer,
@@ -358,12 +470,12 @@ pub async fn run_vchan_listener(
                 }
             }
         };
-        let mut conn = server.spawn_connection(stream, format!("vchan dom{client}"));
+        let mut conn =
+            server.spawn_connection(stream, Transport::Vchan, format!("vchan dom{client}"));
         tokio::select! {
-            _ = &mut stop => {
-                conn.abort();
-                break;
-            }
+            // The connection stays up: its in-flight calls finish (later ones are refused
+            // while the server stops) and it ends when the process does.
+            _ = &mut stop => break,
             _ = &mut conn => {}
         }
     }

@@ -37,8 +37,7 @@ vchan-peer client $dom $P ping | grep -q VCHAN_OK || { guestlog; fail "cross-dom
 wait_for 20 xenstore-read $P/event-channel || fail "guest did not listen again"
 xenvm-vchan --dom 0 client $dom dd hold >/tmp/ddhold 2>&1 &
 cli=$!
-sleep 2
-grep -q connected /tmp/ddhold || { cat /tmp/ddhold; fail "hold client did not connect"; }
+wait_grep 30 connected /tmp/ddhold || { cat /tmp/ddhold; fail "hold client did not connect"; }
 xl destroy ddstor-dd || fail "xl destroy"
 wait_for 30 grep -q "peer closed" /tmp/ddhold || { cat /tmp/ddhold; fail "dom0's client did not see the destroyed domain go"; }
 cat /tmp/ddhold

@@ -202,7 +202,16 @@ async fn server(
     let mut served = 0u64;
     loop {
         println!("xenvm-vchan: server {me} ready for domain {client} on port {port}");
-        let mut stream = srv.accept().await.context("accept")?;
+        let mut stream = match srv.accept().await {
+            Ok(s) => s,
+            // A client killed between mapping the ring and announcing itself clears its live
+            // byte through the unmap notification: not this server's failure, listen again.
+            Err(e) if e.to_string().contains("left before connecting") => {
+                println!("xenvm-vchan: a client left before connecting ({e}); listening again");
+                continue;
+            }
+            Err(e) => return Err(e).context("accept"),
+        };
         served += 1;
         let (l, r) = stream.orders();
         match echo(&mut stream).await {
@@ -337,6 +346,7 @@ async fn main() -> std::process::ExitCode {
             std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
         ))
         .with_writer(std::io::stderr)
+        .with_ansi(false)
         .init();
     let run = async {
         let kind: BackendKind = cli.backend.parse()?;

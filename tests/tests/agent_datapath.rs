@@ -1,0 +1,507 @@
+//! The agent's datapath end to end: `ddstor serve` as a process, driven by `ddstor call`
+//! (VDI.attach3/activate3/deactivate/detach, DP.*, snapshots, epochs), with real NBD clients
+//! (qemu-io, nbdinfo, nbdcopy) on the URI that VDI.attach3 returns, and libvhdi (`vhdimount`)
+//! as the independent reader of what reached the VHD files.
+
+use ddstor_e2e::agent::{new_uuid, read_with_vhdimount, Agent, AgentOptions};
+use ddstor_e2e::nbd::{run_fail, run_ok, RawClient};
+use ddstor_e2e::require_tool;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+
+/// An agent with one attached SR.
+struct Setup {
+    root: tempfile::TempDir,
+    agent: Agent,
+    sr: String,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let root = tempfile::tempdir().unwrap();
+        let agent = Agent::start(root.path(), &AgentOptions::default());
+        let sr = new_uuid();
+        agent.ok(
+            "SR.create",
+            json!({"sr": sr, "name_label": "dp", "device_config": {}}),
+        );
+        agent.ok("SR.attach", json!({"sr": sr, "device_config": {}}));
+        Setup { root, agent, sr }
+    }
+
+    /// Restarts the agent after a SIGKILL (same data directory).
+    fn kill_and_restart(&mut self) {
+        self.agent.kill();
+        self.agent = Agent::start(self.root.path(), &AgentOptions::default());
+    }
+
+    fn vdi(&self, size: u64) -> String {
+        let v = self.agent.ok(
+            "VDI.create",
+            json!({"sr": self.sr, "vdi_info": {"name_label": "disk", "virtual_size": size}}),
+        );
+        v["vdi"].as_str().unwrap().to_string()
+    }
+
+    fn args(&self, vdi: &str, dp: &str) -> Value {
+        json!({"dp": dp, "sr": self.sr, "vdi": vdi, "vm": "vm1"})
+    }
+
+    /// VDI.attach3; returns the NBD URI among the backend implementations.
+    fn attach(&self, vdi: &str, dp: &str, rw: bool) -> String {
+        let mut a = self.args(vdi, dp);
+        a["read_write"] = json!(rw);
+        let b = self.agent.ok("VDI.attach3", a);
+        let imp = &b["implementations"][0];
+        assert_eq!(imp[0], "Nbd", "{b}");
+        imp[1]["uri"].as_str().unwrap().to_string()
+    }
+
+    fn call(&self, method: &str, vdi: &str, dp: &str) -> Value {
+        self.agent.ok(method, self.args(vdi, dp))
+    }
+
+    fn superstate(&self, vdi: &str) -> Value {
+        self.agent
+            .ok("DP.stat_vdi", json!({"sr": self.sr, "vdi": vdi}))["superstate"]
+            .clone()
+    }
+
+    fn leaf(&self, vdi: &str) -> PathBuf {
+        self.agent
+            .data_dir
+            .join(&self.sr)
+            .join(format!("{vdi}.vhd"))
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.agent.data_dir.join("nbd.sock")
+    }
+}
+
+/// `nbd:unix:<sock>:exportname=<name>` (qemu's form) → `nbd+unix:///<name>?socket=<sock>` (libnbd's).
+fn libnbd_uri(uri: &str) -> String {
+    let rest = uri.strip_prefix("nbd:unix:").expect("nbd:unix: URI");
+    let (sock, name) = rest.split_once(":exportname=").expect("exportname");
+    format!("nbd+unix:///{name}?socket={sock}")
+}
+
+fn export_name(uri: &str) -> String {
+    uri.split_once(":exportname=").unwrap().1.to_string()
+}
+
+fn qemu_io_cmd(uri: &str, cmds: &[String]) -> Command {
+    let mut c = Command::new(require_tool("qemu-io", "qemu-utils"));
+    c.arg("-f").arg("raw");
+    for x in cmds {
+        c.arg("-c").arg(x);
+    }
+    c.arg(uri);
+    c
+}
+
+fn qemu_io(uri: &str, cmds: &[&str]) -> String {
+    let cmds: Vec<String> = cmds.iter().map(|s| s.to_string()).collect();
+    check_qemu_io(run_ok(&mut qemu_io_cmd(uri, &cmds)))
+}
+
+/// qemu-io opening the export read-only (`-r`): qemu refuses to open a read-only export
+/// read-write.
+fn qemu_io_ro(uri: &str, cmds: &[&str]) -> String {
+    let cmds: Vec<String> = cmds.iter().map(|s| s.to_string()).collect();
+    let mut c = qemu_io_cmd(uri, &cmds);
+    c.arg("-r");
+    check_qemu_io(run_ok(&mut c))
+}
+
+fn check_qemu_io(out: String) -> String {
+    assert!(
+        !out.contains("Pattern verification failed") && !out.contains("failed:"),
+        "qemu-io reported a failure:\n{out}"
+    );
+    out
+}
+
+fn nbdcopy(from: &str, to: &str) {
+    run_ok(Command::new(require_tool("nbdcopy", "libnbd-bin")).args([from, to]));
+}
+
+/// Data ranges (merged) of a JSON listing, from `start`/`offset` + `length` entries.
+fn merge_ranges(items: impl Iterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (start, len) in items {
+        match out.last_mut() {
+            Some((s, l)) if *s + *l == start => *l += len,
+            _ => out.push((start, len)),
+        }
+    }
+    out
+}
+
+/// Random bytes (from /dev/urandom: a debug-built PRNG is slow for megabytes).
+fn random_bytes(len: usize) -> Vec<u8> {
+    use std::io::Read;
+    let mut d = vec![0u8; len];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut d))
+        .expect("reading /dev/urandom");
+    d
+}
+
+/// Whether two files hold the same bytes (a debug-built SHA-256 is slow for megabytes).
+fn same_file(a: &Path, b: &Path) -> bool {
+    std::fs::read(a).unwrap() == std::fs::read(b).unwrap()
+}
+
+fn wait_child(child: &mut std::process::Child, timeout: Duration) -> std::process::ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        if t0.elapsed() > timeout {
+            let _ = child.kill();
+            panic!("child still running after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn writes_wait_for_activate_and_deactivate_flushes_them_to_the_leaf_read_by_libvhdi() {
+    let s = Setup::new();
+    let vdi = s.vdi(16 * MIB);
+    s.agent.ok(
+        "VDI.set_content_id",
+        json!({"sr": s.sr, "vdi": vdi, "content_id": "before"}),
+    );
+    let uri = s.attach(&vdi, "dp1", true);
+    assert_eq!(
+        uri,
+        format!(
+            "nbd:unix:{}:exportname={}/{vdi}",
+            s.socket().display(),
+            s.sr
+        )
+    );
+    assert_eq!(s.superstate(&vdi), json!(["Attached", "RW"]));
+    // Attached, not activated: the write waits (it does not fail).
+    let mut w = qemu_io_cmd(&uri, &["write -P 0x5a 0 1M".to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        w.try_wait().unwrap().is_none(),
+        "a write completed before VDI.activate3"
+    );
+    s.call("VDI.activate3", &vdi, "dp1");
+    let st = wait_child(&mut w, Duration::from_secs(30));
+    let out = w.wait_with_output().unwrap();
+    assert!(
+        st.success(),
+        "qemu-io write after activate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // xapi clears content_id on a read-write activation.
+    let info = s.agent.ok("VDI.stat", json!({"sr": s.sr, "vdi": vdi}));
+    assert_eq!(info["content_id"], "");
+    assert_eq!(s.superstate(&vdi), json!(["Activated", "RW"]));
+    s.call("VDI.deactivate", &vdi, "dp1");
+    // Deactivated: flushed to the leaf, as an independent reader sees it.
+    assert_eq!(
+        read_with_vhdimount(&s.leaf(&vdi), MIB as usize),
+        vec![0x5a; MIB as usize]
+    );
+    s.call("VDI.detach", &vdi, "dp1");
+    assert_eq!(s.superstate(&vdi), json!("Detached"));
+    // The export is gone.
+    run_fail(&mut qemu_io_cmd(&uri, &["read 0 512".to_string()]));
+}
+
+#[test]
+fn writes_through_a_read_only_datapath_fail_with_eperm_and_reads_work() {
+    let s = Setup::new();
+    let vdi = s.vdi(8 * MIB);
+    let uri = s.attach(&vdi, "rw", true);
+    s.call("VDI.activate3", &vdi, "rw");
+    qemu_io(&uri, &["write -P 0x42 0 64k", "flush"]);
+    s.call("VDI.deactivate", &vdi, "rw");
+    s.call("VDI.detach", &vdi, "rw");
+
+    let uri = s.attach(&vdi, "ro", false);
+    s.call("VDI.activate_readonly", &vdi, "ro");
+    assert_eq!(s.superstate(&vdi), json!(["Activated", "RO"]));
+    qemu_io_ro(&uri, &["read -P 0x42 0 64k"]);
+    // qemu sees the export's read-only flag and refuses to open it for writing.
+    let out = run_fail(&mut qemu_io_cmd(&uri, &["write -P 1 0 4k".to_string()]));
+    assert!(out.contains("Permission denied"), "{out}");
+    // On the wire: the server itself answers EPERM (1), whatever the client believes.
+    let mut c = RawClient::connect(&s.socket());
+    c.go(&export_name(&uri));
+    c.request(0, 1, 7, 0, 512, &[9u8; 512]);
+    let (err, cookie, _) = c.simple_reply(0).unwrap();
+    assert_eq!((err, cookie), (1, 7), "write through a RO datapath");
+    c.request(0, 0, 8, 0, 512, &[]);
+    assert_eq!(c.simple_reply(512).unwrap(), (0, 8, vec![0x42; 512]));
+}
+
+#[test]
+fn reads_never_fail_while_an_activated_vdi_is_snapshotted_and_cloned() {
+    let s = Setup::new();
+    let vdi = s.vdi(8 * MIB);
+    let uri = s.attach(&vdi, "dp", true);
+    s.call("VDI.activate3", &vdi, "dp");
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.raw");
+    std::fs::write(&src, random_bytes((8 * MIB) as usize)).unwrap();
+    nbdcopy(src.to_str().unwrap(), &libnbd_uri(&uri));
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|i| {
+            let (uri, stop, src) = (uri.clone(), stop.clone(), src.clone());
+            std::thread::spawn(move || {
+                let mut rounds = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    let out = dirname_out(&src, i, rounds);
+                    nbdcopy(&libnbd_uri(&uri), out.to_str().unwrap());
+                    assert!(
+                        same_file(&out, &src),
+                        "a read during snapshot/clone returned other data"
+                    );
+                    std::fs::remove_file(&out).unwrap();
+                    rounds += 1;
+                }
+                rounds
+            })
+        })
+        .collect();
+    let mut made = Vec::new();
+    for i in 0..6 {
+        let m = if i % 2 == 0 {
+            "VDI.snapshot"
+        } else {
+            "VDI.clone"
+        };
+        let v = s.agent.ok(m, json!({"sr": s.sr, "vdi_info": {"vdi": vdi}}));
+        made.push(v["vdi"].as_str().unwrap().to_string());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::SeqCst);
+    for r in readers {
+        assert!(r.join().expect("reader panicked") > 0);
+    }
+    // Writes after the switches go to the VDI, not into the snapshots.
+    qemu_io(&uri, &["write -P 0x77 0 64k", "flush"]);
+    let snap = &made[0];
+    let snap_leaf = s.leaf(snap);
+    assert_eq!(
+        read_with_vhdimount(&snap_leaf, 4096),
+        std::fs::read(&src).unwrap()[..4096].to_vec()
+    );
+    qemu_io(&uri, &["read -P 0x77 0 64k"]);
+}
+
+fn dirname_out(src: &Path, i: usize, round: usize) -> PathBuf {
+    src.with_file_name(format!("out-{i}-{round}.raw"))
+}
+
+#[test]
+fn a_killed_agent_restarted_re_exports_its_datapaths_on_sr_attach_with_data_intact() {
+    let mut s = Setup::new();
+    let vdi = s.vdi(8 * MIB);
+    let ro = s.vdi(8 * MIB);
+    let uri = s.attach(&vdi, "dp", true);
+    s.call("VDI.activate3", &vdi, "dp");
+    qemu_io(&uri, &["write -P 0x31 1M 1M", "flush"]);
+    let ro_uri = s.attach(&ro, "dp2", false);
+    s.kill_and_restart();
+    // Nothing is exported until dom0 re-attaches the SR.
+    run_fail(&mut qemu_io_cmd(&uri, &["read 0 512".to_string()]));
+    s.agent
+        .ok("SR.attach", json!({"sr": s.sr, "device_config": {}}));
+    assert_eq!(s.superstate(&vdi), json!(["Activated", "RW"]));
+    assert_eq!(s.superstate(&ro), json!(["Attached", "RO"]));
+    qemu_io(&uri, &["read -P 0x31 1M 1M", "read -P 0 0 1M"]);
+    // The attached (not activated) one is back too, with I/O paused until activate.
+    let mut r = qemu_io_cmd(&ro_uri, &["read -P 0 0 4k".to_string()])
+        .arg("-r")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(r.try_wait().unwrap().is_none(), "read before activate");
+    s.call("VDI.activate_readonly", &ro, "dp2");
+    assert!(wait_child(&mut r, Duration::from_secs(30)).success());
+    s.call("VDI.deactivate", &vdi, "dp");
+    s.call("VDI.detach", &vdi, "dp");
+    s.agent.ok("VDI.destroy", json!({"sr": s.sr, "vdi": vdi}));
+}
+
+#[test]
+fn vdi_destroy_is_refused_while_attached_and_sr_detach_and_dp_destroy_tear_exports_down() {
+    let s = Setup::new();
+    let vdi = s.vdi(8 * MIB);
+    let uri = s.attach(&vdi, "dp", true);
+    s.call("VDI.activate3", &vdi, "dp");
+    qemu_io(&uri, &["write -P 0x12 0 4k"]);
+    let (name, _) = s.agent.err("VDI.destroy", json!({"sr": s.sr, "vdi": vdi}));
+    assert!(!name.is_empty());
+    s.agent.ok("SR.detach", json!({"sr": s.sr}));
+    run_fail(&mut qemu_io_cmd(&uri, &["read 0 512".to_string()]));
+    s.agent
+        .ok("SR.attach", json!({"sr": s.sr, "device_config": {}}));
+    qemu_io(&uri, &["read -P 0x12 0 4k"]);
+    s.agent
+        .ok("DP.destroy", json!({"dp": "dp", "allow_leak": false}));
+    assert_eq!(s.superstate(&vdi), json!("Detached"));
+    run_fail(&mut qemu_io_cmd(&uri, &["read 0 512".to_string()]));
+    s.agent.ok("VDI.destroy", json!({"sr": s.sr, "vdi": vdi}));
+}
+
+#[test]
+fn nbdinfo_map_matches_ddstor_vhd_map_and_nbdcopy_round_trips_both_ways() {
+    let s = Setup::new();
+    let vdi = s.vdi(16 * MIB);
+    let uri = s.attach(&vdi, "dp", true);
+    s.call("VDI.activate3", &vdi, "dp");
+    qemu_io(
+        &uri,
+        &[
+            "write -P 1 0 64k",
+            "write -P 2 5M 4k",
+            "write -P 3 11M 1M",
+            "flush",
+        ],
+    );
+    s.call("VDI.deactivate", &vdi, "dp");
+    let vhd_map: Value = serde_json::from_str(&run_ok(
+        Command::new(ddstor_e2e::bin("ddstor"))
+            .args(["vhd", "map", "--json"])
+            .arg(s.leaf(&vdi)),
+    ))
+    .unwrap();
+    let want = merge_ranges(
+        vhd_map["blocks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|b| b["extents"].as_array().unwrap().iter())
+            .filter(|e| !e["layer"].is_null())
+            .map(|e| (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap())),
+    );
+    assert!(!want.is_empty());
+    s.call("VDI.activate3", &vdi, "dp");
+    let nbd_map: Value = serde_json::from_str(&run_ok(
+        Command::new(require_tool("nbdinfo", "libnbd-bin"))
+            .args(["--map", "--json"])
+            .arg(libnbd_uri(&uri)),
+    ))
+    .unwrap();
+    let got = merge_ranges(
+        nbd_map
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["type"].as_u64().unwrap() & 1 == 0)
+            .map(|e| (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap())),
+    );
+    assert_eq!(got, want, "nbdinfo --map vs ddstor vhd map");
+    // nbdcopy in, then out: same bytes.
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.raw");
+    let out = dir.path().join("out.raw");
+    std::fs::write(&src, random_bytes((16 * MIB) as usize)).unwrap();
+    nbdcopy(src.to_str().unwrap(), &libnbd_uri(&uri));
+    nbdcopy(&libnbd_uri(&uri), out.to_str().unwrap());
+    assert!(
+        same_file(&out, &src),
+        "nbdcopy out differs from what nbdcopy wrote in"
+    );
+}
+
+#[test]
+fn several_clients_at_once_each_see_their_writes_and_everyone_elses() {
+    let s = Setup::new();
+    let vdi = s.vdi(8 * MIB);
+    let uri = s.attach(&vdi, "dp", true);
+    s.call("VDI.activate3", &vdi, "dp");
+    let clients: Vec<_> = (0..4u64)
+        .map(|i| {
+            let uri = uri.clone();
+            std::thread::spawn(move || {
+                let base = i * 2 * MIB;
+                let p = 0x10 + i;
+                let cmds: Vec<String> = (0..16)
+                    .map(|k| format!("aio_write -P {p} {} 64k", base + k * 64 * 1024))
+                    .chain(["aio_flush".to_string()])
+                    .chain((0..16).map(|k| format!("read -P {p} {} 64k", base + k * 64 * 1024)))
+                    .collect();
+                let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+                qemu_io(&uri, &refs);
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().expect("a client failed");
+    }
+    let checks: Vec<String> = (0..4u64)
+        .map(|i| format!("read -P {} {} 1M", 0x10 + i, i * 2 * MIB))
+        .collect();
+    let refs: Vec<&str> = checks.iter().map(String::as_str).collect();
+    qemu_io(&uri, &refs);
+}
+
+#[test]
+fn nothing_written_in_a_non_persistent_epoch_survives_its_end() {
+    let s = Setup::new();
+    let vdi = s.vdi(8 * MIB);
+    let uri = s.attach(&vdi, "dp", true);
+    s.call("VDI.activate3", &vdi, "dp");
+    qemu_io(&uri, &["write -P 0x61 0 128k", "flush"]);
+    s.call("VDI.deactivate", &vdi, "dp");
+    s.call("VDI.detach", &vdi, "dp");
+    s.agent.ok(
+        "VDI.set_persistent",
+        json!({"sr": s.sr, "vdi": vdi, "persistent": false}),
+    );
+    for boot in 0..2 {
+        s.agent.ok(
+            "VDI.epoch_begin",
+            json!({"sr": s.sr, "vdi": vdi, "vm": "vm1", "persistent": false}),
+        );
+        let uri = s.attach(&vdi, "dp", true);
+        s.call("VDI.activate3", &vdi, "dp");
+        // A fresh epoch sees the persistent content, never the previous epoch's writes.
+        qemu_io(&uri, &["read -P 0x61 0 128k", "read -P 0 1M 64k"]);
+        qemu_io(
+            &uri,
+            &[
+                &format!("write -P {} 0 64k", 0x70 + boot),
+                "write -P 0x71 1M 64k",
+                "flush",
+            ],
+        );
+        qemu_io(&uri, &[&format!("read -P {} 0 64k", 0x70 + boot)]);
+        s.call("VDI.deactivate", &vdi, "dp");
+        s.call("VDI.detach", &vdi, "dp");
+        s.agent.ok(
+            "VDI.epoch_end",
+            json!({"sr": s.sr, "vdi": vdi, "vm": "vm1"}),
+        );
+    }
+    assert_eq!(
+        read_with_vhdimount(&s.leaf(&vdi), 128 * 1024),
+        vec![0x61; 128 * 1024]
+    );
+    let uri = s.attach(&vdi, "dp", true);
+    s.call("VDI.activate3", &vdi, "dp");
+    qemu_io(&uri, &["read -P 0x61 0 128k", "read -P 0 1M 64k"]);
+}
