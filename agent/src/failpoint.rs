@@ -25,18 +25,24 @@ pub const VDI_CREATE: &[&str] = &[
 
 /// Failpoints of `VDI.snapshot`, in execution order.
 pub const VDI_SNAPSHOT: &[&str] = &[
+    "vdi_snapshot.staged",
     "vdi_snapshot.journal_written",
+    "vdi_snapshot.base_published",
     "vdi_snapshot.leaf_renamed",
     "vdi_snapshot.children_created",
     "vdi_snapshot.base_hidden_records_written",
+    "vdi_snapshot.synced",
 ];
 
 /// Failpoints of `VDI.clone`, in execution order.
 pub const VDI_CLONE: &[&str] = &[
+    "vdi_clone.staged",
     "vdi_clone.journal_written",
+    "vdi_clone.base_published",
     "vdi_clone.leaf_renamed",
     "vdi_clone.children_created",
     "vdi_clone.base_hidden_records_written",
+    "vdi_clone.synced",
 ];
 
 /// Failpoints of `VDI.destroy`, in execution order.
@@ -56,14 +62,20 @@ pub const ALL: &[&str] = &[
     "vdi_create.journal_written",
     "vdi_create.vhd_created",
     "vdi_create.record_written",
+    "vdi_snapshot.staged",
     "vdi_snapshot.journal_written",
+    "vdi_snapshot.base_published",
     "vdi_snapshot.leaf_renamed",
     "vdi_snapshot.children_created",
     "vdi_snapshot.base_hidden_records_written",
+    "vdi_snapshot.synced",
+    "vdi_clone.staged",
     "vdi_clone.journal_written",
+    "vdi_clone.base_published",
     "vdi_clone.leaf_renamed",
     "vdi_clone.children_created",
     "vdi_clone.base_hidden_records_written",
+    "vdi_clone.synced",
     "vdi_destroy.journal_written",
     "vdi_destroy.record_removed",
     "vdi_destroy.vhd_removed",

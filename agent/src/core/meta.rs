@@ -19,7 +19,8 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Name of the metadata directory inside an SR.
 pub const META_DIR: &str = ".ddstor";
@@ -111,9 +112,9 @@ pub enum JournalOp {
         /// The record to write once the VHD exists.
         record: VdiRecord,
     },
-    /// `VDI.snapshot` / `VDI.clone`: rename `<vdi>.vhd` to `<base>.vhd` (hidden), then create a
-    /// new `<vdi>.vhd` and `<new_record.uuid>.vhd` as children of the base. Undone if the rename
-    /// has not happened yet, completed otherwise.
+    /// `VDI.snapshot` / `VDI.clone`: the leaf `<vdi>.vhd` becomes the hidden base `<base>.vhd`
+    /// with two new children, `<vdi>.vhd` and `<new_record.uuid>.vhd`. The entry is the commit
+    /// point: once it is durable the operation is always completed (see `Sr::snapshot_vdi`).
     Snapshot {
         /// The VDI being snapshotted/cloned (keeps its uuid).
         vdi: String,
@@ -123,6 +124,10 @@ pub enum JournalOp {
         clone: bool,
         /// The record of the new snapshot/clone.
         new_record: VdiRecord,
+        /// The snapshotted VDI's record as the operation leaves it (`sm_config.vhd-parent` =
+        /// base), so recovery can rewrite it whole. Absent in entries of older agents.
+        #[serde(default)]
+        updated_record: Option<Box<VdiRecord>>,
     },
     /// `VDI.destroy`: remove the record, then `<vdi>.vhd`, then garbage-collect hidden bases left
     /// with no child. Always completed.
@@ -174,6 +179,32 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8], fp: &Failpoints) -> Re
     fsync_dir(dir)
 }
 
+/// One barrier: makes the data of every `files` entry and every directory in `dirs` durable,
+/// all at once (one thread each, so the file system can commit them together: on a journaling
+/// file system concurrent fsyncs share a journal commit and cost about one device flush).
+/// Returns after every one has completed; the first error is returned.
+pub fn barrier(files: &[(&File, &Path)], dirs: &[&Path]) -> Result<()> {
+    let results: Vec<Result<()>> = std::thread::scope(|s| {
+        let mut handles = Vec::new();
+        for (f, p) in files {
+            let (f, p) = (*f, *p);
+            handles.push(s.spawn(move || f.sync_data().map_err(|e| io("fsync", p, e))));
+        }
+        for d in dirs {
+            let d = *d;
+            handles.push(s.spawn(move || fsync_dir(d)));
+        }
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::InternalError("fsync thread panicked".into())))
+            })
+            .collect()
+    });
+    results.into_iter().collect()
+}
+
 /// Removes `dir/name` durably; a file already gone is not an error.
 pub fn remove_durable(dir: &Path, name: &str) -> Result<()> {
     let path = dir.join(name);
@@ -189,6 +220,9 @@ pub fn remove_durable(dir: &Path, name: &str) -> Result<()> {
 pub struct MetaStore {
     dir: PathBuf,
     fp: Failpoints,
+    /// Set when a journal entry was removed without a directory fsync ([`MetaStore::journal_end`]);
+    /// cleared by [`MetaStore::settle`].
+    journal_dirty: Arc<AtomicBool>,
 }
 
 impl MetaStore {
@@ -197,7 +231,28 @@ impl MetaStore {
         Self {
             dir: sr_root.join(META_DIR),
             fp,
+            journal_dirty: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Makes the removal of finished journal entries durable (one fsync of the journal
+    /// directory, only if [`MetaStore::journal_end`] left one pending).
+    ///
+    /// Why removal may be lazy: an entry is removed only once every effect of its operation is
+    /// durable, so replaying it is a no-op unless later changes were made to the same records
+    /// or nodes. Every later change goes through this store first ([`MetaStore::write_vdi`],
+    /// [`MetaStore::write_vdis`], [`MetaStore::remove_vdi`], [`MetaStore::write_sr`],
+    /// [`MetaStore::journal_begin`], and [`MetaStore::journal_pending`], which GC consults before
+    /// touching a chain), and each of those settles before it writes. So an entry can only come
+    /// back after a crash when nothing has changed since its operation completed.
+    pub fn settle(&self) -> Result<()> {
+        if self.journal_dirty.swap(false, Ordering::SeqCst) {
+            if let Err(e) = fsync_dir(&self.journal_dir()) {
+                self.journal_dirty.store(true, Ordering::SeqCst);
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     /// The `.ddstor` directory.
@@ -245,6 +300,7 @@ impl MetaStore {
 
     /// Writes `sr.json`.
     pub fn write_sr(&self, meta: &SrMeta) -> Result<()> {
+        self.settle()?;
         write_atomic(&self.dir, "sr.json", &to_json(meta)?, &self.fp)
     }
 
@@ -264,6 +320,7 @@ impl MetaStore {
 
     /// Writes one VDI record.
     pub fn write_vdi(&self, rec: &VdiRecord) -> Result<()> {
+        self.settle()?;
         write_atomic(
             &self.vdis_dir(),
             &format!("{}.json", rec.uuid),
@@ -276,6 +333,7 @@ impl MetaStore {
     /// fsynced concurrently (so the file system can commit them together), then renamed. Each
     /// record is still atomically old or new.
     pub fn write_vdis(&self, recs: &[&VdiRecord]) -> Result<()> {
+        self.settle()?;
         let dir = self.vdis_dir();
         let temps: Vec<Result<(PathBuf, PathBuf)>> = std::thread::scope(|s| {
             let handles: Vec<_> = recs
@@ -334,33 +392,114 @@ impl MetaStore {
         self.vdis_dir().join(format!("{uuid}.json")).exists()
     }
 
+    /// Writes one VDI record **without syncing** (temp file renamed over the record) and
+    /// returns the open file: the caller's barrier syncs it and [`MetaStore::vdis_dir`]. Used
+    /// only inside a journaled operation whose entry holds the record, so a crash before the
+    /// barrier is repaired by replaying the entry.
+    pub fn stage_vdi(&self, rec: &VdiRecord) -> Result<File> {
+        let dir = self.vdis_dir();
+        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{}.json", rec.uuid);
+        let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| io("create", &tmp, e))?;
+        f.write_all(&to_json(rec)?)
+            .map_err(|e| io("write", &tmp, e))?;
+        let target = dir.join(name);
+        fs::rename(&tmp, &target).map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            io("rename into place", &target, e)
+        })?;
+        Ok(f)
+    }
+
+    /// The directory of the VDI records.
+    pub fn vdis_dir_path(&self) -> PathBuf {
+        self.vdis_dir()
+    }
+
+    /// The directory of the journal.
+    pub fn journal_dir_path(&self) -> PathBuf {
+        self.journal_dir()
+    }
+
     /// Removes one VDI record (idempotent).
     pub fn remove_vdi(&self, uuid: &str) -> Result<()> {
+        self.settle()?;
         remove_durable(&self.vdis_dir(), &format!("{uuid}.json"))
     }
 
-    /// Records the intent of a multi-step operation.
+    /// Writes the intent of a multi-step operation **without syncing** (directly at
+    /// `journal/<id>.json`) and returns the open file. The entry is committed once the caller's
+    /// barrier has synced this file and the journal directory; a crash before that can leave a
+    /// torn entry, which [`MetaStore::journal_pending`] sets aside as never committed.
+    pub fn journal_stage(&self, entry: &JournalEntry) -> Result<File> {
+        let dir = self.journal_dir();
+        let path = dir.join(format!("{}.json", entry.id));
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| io("create journal entry", &path, e))?;
+        f.write_all(&to_json(entry)?)
+            .map_err(|e| io("write", &path, e))?;
+        Ok(f)
+    }
+
+    /// Records the intent of a multi-step operation and commits it (one barrier: the entry's
+    /// data and the journal directory synced together). Also settles earlier removals.
     pub fn journal_begin(&self, entry: &JournalEntry) -> Result<()> {
-        write_atomic(
-            &self.journal_dir(),
-            &format!("{}.json", entry.id),
-            &to_json(entry)?,
-            &self.fp,
-        )
+        let f = self.journal_stage(entry)?;
+        self.journal_dirty.store(false, Ordering::SeqCst);
+        let path = self.journal_dir().join(format!("{}.json", entry.id));
+        let r = barrier(&[(&f, &path)], &[&self.journal_dir()]);
+        if r.is_err() {
+            self.journal_dirty.store(true, Ordering::SeqCst);
+        }
+        r
     }
 
-    /// Marks an operation complete (removes its journal file).
+    /// Marks an operation complete: removes its journal file **without** a directory fsync (see
+    /// [`MetaStore::settle`] for why that is safe; the next change to the SR makes it durable).
     pub fn journal_end(&self, id: &str) -> Result<()> {
-        remove_durable(&self.journal_dir(), &format!("{id}.json"))
+        let path = self.journal_dir().join(format!("{id}.json"));
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                self.journal_dirty.store(true, Ordering::SeqCst);
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io("remove", &path, e)),
+        }
     }
 
-    /// Every pending journal entry, oldest first.
+    /// [`MetaStore::journal_end`], made durable at once (recovery).
+    pub fn journal_end_durable(&self, id: &str) -> Result<()> {
+        self.journal_end(id)?;
+        self.settle()
+    }
+
+    /// Every pending journal entry, oldest first. Settles removed entries first. An entry that
+    /// does not parse was torn by a crash before its commit barrier (nothing of its operation
+    /// had happened): it is renamed to `<id>.json.torn` and skipped, with an error logged.
     pub fn journal_pending(&self) -> Result<Vec<JournalEntry>> {
+        self.settle()?;
         let mut out = Vec::new();
         for (path, _) in json_files(&self.journal_dir())? {
             let bytes = fs::read(&path).map_err(|e| io("read journal entry", &path, e))?;
-            let e: JournalEntry = serde_json::from_slice(&bytes).map_err(|e| corrupt(&path, e))?;
-            out.push(e);
+            match serde_json::from_slice::<JournalEntry>(&bytes) {
+                Ok(e) => out.push(e),
+                Err(e) => {
+                    let aside = path.with_extension("json.torn");
+                    tracing::error!(entry = %path.display(), error = %e,
+                        "journal entry does not parse: never committed (torn by a crash); set aside");
+                    fs::rename(&path, &aside).map_err(|e| io("set aside", &path, e))?;
+                    fsync_dir(&self.journal_dir())?;
+                }
+            }
         }
         out.sort_by(|a, b| a.started.cmp(&b.started).then(a.id.cmp(&b.id)));
         Ok(out)

@@ -151,7 +151,7 @@ impl Sr {
             report: Mutex::new(AttachReport::default()),
         };
         let mut report = AttachReport::default();
-        sr.meta.remove_stale_temps()?;
+        // Journal first: a committed snapshot may still need its staged `.part` files.
         for entry in sr.meta.journal_pending()? {
             tracing::warn!(
                 sr = uuid,
@@ -161,6 +161,7 @@ impl Sr {
             sr.recover(&entry)?;
             report.recovered.push(entry.id.clone());
         }
+        sr.meta.remove_stale_temps()?;
         // differencing's own journals (compose, online leaf merge), before reconcile reads nodes.
         report
             .recovered
@@ -202,40 +203,6 @@ impl Sr {
         self.root.join(format!(".{name}.vhd.part"))
     }
 
-    /// Creates `.<name>.vhd.part` as a child of `parent` (durable file, not yet published).
-    fn make_part(&self, name: &str, parent: &str) -> Result<()> {
-        let tmp = self.part_path(name);
-        let _ = fs::remove_file(&tmp);
-        self.format.create_child(&tmp, &self.node(parent))
-    }
-
-    /// Renames parts into place, then one directory fsync.
-    fn publish_parts(&self, names: &[&str]) -> Result<()> {
-        for n in names {
-            let target = self.node(n);
-            fs::rename(self.part_path(n), &target)
-                .map_err(|e| io("rename into place", &target, e))?;
-        }
-        self.fsync_root()
-    }
-
-    fn create_child_node(&self, name: &str, parent: &str) -> Result<()> {
-        let parent_path = self.node(parent);
-        self.create_node(name, |tmp| self.format.create_child(tmp, &parent_path))
-    }
-
-    /// Recovery: makes sure `name` exists as a child of `parent`. An existing, complete child of
-    /// `parent` is kept (it may already hold data if only the journal's removal was lost).
-    fn ensure_child_node(&self, name: &str, parent: &str) -> Result<()> {
-        if let Ok(info) = self.format.inspect(&self.node(name)) {
-            if info.parent.as_deref() == Some(parent) {
-                return Ok(());
-            }
-        }
-        self.remove_node(name)?;
-        self.create_child_node(name, parent)
-    }
-
     /// Finishes or undoes one journaled operation (idempotent: may itself be interrupted and run
     /// again).
     pub fn recover(&self, entry: &JournalEntry) -> Result<()> {
@@ -252,26 +219,9 @@ impl Sr {
                 vdi,
                 base,
                 new_record,
+                updated_record,
                 ..
-            } => {
-                if self.node(base).exists() {
-                    tracing::info!(vdi, base, "snapshot had renamed the leaf: completing it");
-                    self.format.set_hidden(&self.node(base), true)?;
-                    self.ensure_child_node(vdi, base)?;
-                    self.ensure_child_node(&new_record.uuid, base)?;
-                    self.meta.write_vdi(new_record)?;
-                    if let Some(mut rec) =
-                        self.meta.read_vdis()?.into_iter().find(|r| &r.uuid == vdi)
-                    {
-                        rec.sm_config.insert(SM_VHD_PARENT.into(), base.clone());
-                        self.meta.write_vdi(&rec)?;
-                    }
-                } else {
-                    tracing::info!(vdi, "snapshot had not renamed the leaf: undoing it");
-                    self.meta.remove_vdi(&new_record.uuid)?;
-                    self.remove_node(&new_record.uuid)?;
-                }
-            }
+            } => self.complete_snapshot(vdi, base, new_record, updated_record.as_deref())?,
             JournalOp::Destroy { vdi } => {
                 tracing::info!(vdi, "completing an interrupted destroy");
                 self.meta.remove_vdi(vdi)?;
@@ -279,7 +229,84 @@ impl Sr {
                 // Bases left without children are collected by reconcile.
             }
         }
-        self.meta.journal_end(&entry.id)
+        self.meta.journal_end_durable(&entry.id)
+    }
+
+    /// Recovery of a committed snapshot/clone (its journal entry is durable): brings every step
+    /// to its end state, whichever of the unsynced steps reached the disk. Idempotent.
+    fn complete_snapshot(
+        &self,
+        vdi: &str,
+        base: &str,
+        new_record: &VdiRecord,
+        updated: Option<&VdiRecord>,
+    ) -> Result<()> {
+        tracing::info!(vdi, base, "completing a committed snapshot");
+        let base_path = self.node(base);
+        let base_part = self.part_path(base);
+        let child_of_base = |p: &Path| {
+            self.format
+                .inspect(p)
+                .map(|i| i.parent.as_deref() == Some(base))
+                .unwrap_or(false)
+        };
+        // 1. The base: the staged link, or (if the crash came before the link was durable) the
+        //    old leaf itself, which is then still `<vdi>.vhd` and not yet a child of the base.
+        if !base_path.exists() {
+            if base_part.exists() {
+                fs::rename(&base_part, &base_path)
+                    .map_err(|e| io("rename into place", &base_path, e))?;
+            } else if self.node(vdi).exists() && !child_of_base(&self.node(vdi)) {
+                fs::rename(self.node(vdi), &base_path)
+                    .map_err(|e| io("rename leaf to base", &self.node(vdi), e))?;
+            } else {
+                return Err(backend(
+                    "SNAPSHOT_BASE_MISSING",
+                    format!(
+                        "journaled snapshot of {vdi}: base {} and the old leaf are both gone;                          restore {} from backup and attach again",
+                        base_path.display(),
+                        base_path.display()
+                    ),
+                ));
+            }
+        }
+        let _ = fs::remove_file(&base_part);
+        // The base's name is durable before any name of the old leaf is replaced below.
+        self.fsync_root()?;
+        self.format.set_hidden(&base_path, true)?;
+        // 2. Both children: keep a published child of the base (it may hold data already), else
+        //    publish the staged one if it is whole, else make a new one. Each rename replaces
+        //    `<x>.vhd` atomically (for the VDI: its old leaf name, whose inode is the base).
+        for x in [vdi, new_record.uuid.as_str()] {
+            if child_of_base(&self.node(x)) {
+                continue;
+            }
+            let part = self.part_path(x);
+            if !child_of_base(&part) {
+                let _ = fs::remove_file(&part);
+                self.format.create_child(&part, &base_path)?;
+            }
+            fs::rename(&part, self.node(x)).map_err(|e| io("rename into place", &part, e))?;
+        }
+        self.fsync_root()?;
+        // 3. Both records, whole (nothing else can have changed them: see MetaStore::settle).
+        self.meta.write_vdi(new_record)?;
+        let upd = match updated {
+            Some(r) => Some(r.clone()),
+            None => self
+                .meta
+                .read_vdis()?
+                .into_iter()
+                .find(|r| r.uuid == vdi)
+                .map(|mut r| {
+                    r.sm_config.insert(SM_VHD_PARENT.into(), base.to_string());
+                    r
+                }),
+        };
+        if let Some(r) = upd {
+            self.meta.write_vdi(&r)?;
+        }
+        Ok(())
     }
 
     fn reconcile(&self, report: &mut AttachReport) -> Result<()> {
@@ -440,26 +467,63 @@ impl Sr {
 
     /// Snapshot (`clone == false`) or clone of `vdi` (the caller holds its lock): its leaf becomes
     /// a hidden base with two new empty children, the VDI's new leaf and `new_rec`'s. Journaled.
+    ///
+    /// # Commit protocol: two barriers
+    ///
+    /// A barrier is one set of fsyncs issued together ([`super::meta::barrier`]); nothing after
+    /// it starts until all of them have completed. Between barriers nothing is synced, and the
+    /// argument below assumes nothing about the order in which unsynced writes reach the disk.
+    ///
+    /// 1. **Stage** (invisible: dot-names that are not nodes, removed at attach unless a
+    ///    committed entry needs them): hard-link the leaf as `.<base>.vhd.part`; write both
+    ///    children at `.<vdi>.vhd.part` and `.<new>.vhd.part`, already pointing at `./<base>.vhd`
+    ///    and the leaf's uuid; write the journal entry (with both final records) at
+    ///    `journal/<id>.json`.
+    /// 2. **Barrier 1 = commit**: the entry, the journal directory, both children's data and
+    ///    the SR directory (the link). Before it completes, the leaf is untouched at `<vdi>.vhd`
+    ///    and a crash leaves no entry (or a torn one, set aside): the snapshot never happened,
+    ///    and attach deletes the staged files. After it, the operation is always completed.
+    /// 3. **Apply** (unsynced): rename the link to `<base>.vhd`, each child over its name
+    ///    (`<vdi>.vhd` is replaced atomically; the old leaf's inode stays reachable as the base,
+    ///    and durably so through the link of barrier 1 even if this rename reaches the disk
+    ///    first), set the base's hidden flag, write both records (temp + rename).
+    /// 4. **Barrier 2**: the SR directory, the base's data, both records and their directory.
+    ///    Only now is the reply sent (and the datapath resumed on the new leaf), so a guest write
+    ///    can only land in a child whose name and content are durable.
+    /// 5. The journal entry is removed without a directory fsync ([`MetaStore::journal_end`]).
+    ///
+    /// A crash after barrier 1 is repaired by [`Sr::recover`] from the entry alone (which link,
+    /// part, name or record reached the disk does not matter). Cost: two barriers, i.e. about
+    /// two device flushes, where each step used to be synced on its own (about nine).
     pub fn snapshot_vdi(&self, vdi: &Vdi, new_rec: VdiRecord, clone: bool) -> Result<VdiRecord> {
         let src = vdi.record();
         let base = uuid::Uuid::new_v4().to_string();
-        let (p_journal, p_renamed, p_children, p_done) = if clone {
-            (
+        let names: [&'static str; 7] = if clone {
+            [
+                "vdi_clone.staged",
                 "vdi_clone.journal_written",
+                "vdi_clone.base_published",
                 "vdi_clone.leaf_renamed",
                 "vdi_clone.children_created",
                 "vdi_clone.base_hidden_records_written",
-            )
+                "vdi_clone.synced",
+            ]
         } else {
-            (
+            [
+                "vdi_snapshot.staged",
                 "vdi_snapshot.journal_written",
+                "vdi_snapshot.base_published",
                 "vdi_snapshot.leaf_renamed",
                 "vdi_snapshot.children_created",
                 "vdi_snapshot.base_hidden_records_written",
-            )
+                "vdi_snapshot.synced",
+            ]
         };
+        let [p_staged, p_commit, p_base, p_leaf, p_children, p_records, p_synced] = names;
         let mut new_rec = new_rec;
         new_rec.sm_config.insert(SM_VHD_PARENT.into(), base.clone());
+        let mut updated = src.clone();
+        updated.sm_config.insert(SM_VHD_PARENT.into(), base.clone());
         let entry = JournalEntry {
             id: uuid::Uuid::new_v4().to_string(),
             started: time::now_rfc3339(),
@@ -468,66 +532,110 @@ impl Sr {
                 base: base.clone(),
                 clone,
                 new_record: new_rec.clone(),
+                updated_record: Some(Box::new(updated.clone())),
             },
         };
-        self.meta.journal_begin(&entry)?;
-        self.fp.hit(p_journal);
         let leaf = self.node(&src.uuid);
         let base_path = self.node(&base);
-        if let Err(e) = fs::rename(&leaf, &base_path)
-            .map_err(|e| io("rename leaf to base", &leaf, e))
-            .and_then(|()| self.fsync_root())
-        {
-            self.undo_or_keep(&entry);
-            return Err(e);
-        }
-        lock(&self.chain).rename(&src.uuid, &base, false);
-        self.fp.hit(p_renamed);
-        let mut updated = src.clone();
-        updated.sm_config.insert(SM_VHD_PARENT.into(), base.clone());
-        let res = (|| {
-            // Both children at once (their fsyncs overlap), one directory fsync for both.
+        let (base_part, leaf_part, new_part) = (
+            self.part_path(&base),
+            self.part_path(&src.uuid),
+            self.part_path(&new_rec.uuid),
+        );
+        let journal_file = self
+            .meta
+            .journal_dir_path()
+            .join(format!("{}.json", entry.id));
+
+        // 1. Stage, 2. commit.
+        let t0 = std::time::Instant::now();
+        let staged = (|| -> Result<std::time::Duration> {
+            for p in [&base_part, &leaf_part, &new_part] {
+                let _ = fs::remove_file(p);
+            }
+            fs::hard_link(&leaf, &base_part)
+                .map_err(|e| io("link the leaf as the future base", &base_part, e))?;
             let (a, b) = std::thread::scope(|sc| {
-                let a = sc.spawn(|| self.make_part(&src.uuid, &base));
-                let b = self.make_part(&new_rec.uuid, &base);
+                let a = sc.spawn(|| self.format.stage_child(&leaf_part, &leaf, &base));
+                let b = self.format.stage_child(&new_part, &leaf, &base);
                 (a.join(), b)
             });
-            let a =
-                a.unwrap_or_else(|_| Err(Error::InternalError("child creation panicked".into())));
-            a.and(b)?;
-            self.publish_parts(&[&src.uuid, &new_rec.uuid])?;
-            {
-                let mut ix = lock(&self.chain);
-                ix.insert(&src.uuid, Some(base.clone()), false);
-                ix.insert(&new_rec.uuid, Some(base.clone()), false);
+            let a = a.unwrap_or_else(|_| Err(Error::InternalError("staging panicked".into())))?;
+            let b = b?;
+            let j = self.meta.journal_stage(&entry)?;
+            let t_staged = t0.elapsed();
+            self.fp.hit(p_staged);
+            super::meta::barrier(
+                &[(&j, &journal_file), (&a, &leaf_part), (&b, &new_part)],
+                &[&self.meta.journal_dir_path(), &self.root],
+            )?;
+            Ok(t_staged)
+        })();
+        let t_staged = match staged {
+            Ok(t) => t,
+            Err(e) => {
+                // Not committed: nothing visible changed. Remove what was staged (attach would).
+                tracing::warn!(vdi = src.uuid, error = %e, "snapshot failed before its commit");
+                let _ = fs::remove_file(&journal_file);
+                for p in [&base_part, &leaf_part, &new_part] {
+                    let _ = fs::remove_file(p);
+                }
+                return Err(e);
             }
+        };
+        let t_committed = t0.elapsed();
+        self.fp.hit(p_commit);
+
+        // 3. Apply, 4. barrier 2.
+        let res = (|| -> Result<()> {
+            fs::rename(&base_part, &base_path)
+                .map_err(|e| io("rename into place", &base_path, e))?;
+            self.fp.hit(p_base);
+            fs::rename(&leaf_part, &leaf).map_err(|e| io("rename into place", &leaf, e))?;
+            self.fp.hit(p_leaf);
+            let new_path = self.node(&new_rec.uuid);
+            fs::rename(&new_part, &new_path).map_err(|e| io("rename into place", &new_path, e))?;
             self.fp.hit(p_children);
-            // Hide the base while the two records are written (independent fsyncs, overlapped).
-            let (hidden, recs) = std::thread::scope(|sc| {
-                let h = sc.spawn(|| self.format.set_hidden(&base_path, true));
-                let r = self.meta.write_vdis(&[&new_rec, &updated]);
-                (h.join(), r)
-            });
-            hidden.unwrap_or_else(|_| Err(Error::InternalError("set_hidden panicked".into())))?;
-            recs?;
-            {
-                let mut ix = lock(&self.chain);
-                let grandparent = ix.parent_of(&base).map(str::to_string);
-                ix.insert(&base, grandparent, true);
-            }
-            self.fp.hit(p_done);
+            let hb = self.format.stage_hidden(&base_path, true)?;
+            let r1 = self.meta.stage_vdi(&new_rec)?;
+            let r2 = self.meta.stage_vdi(&updated)?;
+            self.fp.hit(p_records);
+            let vdis_dir = self.meta.vdis_dir_path();
+            let (r1p, r2p) = (
+                vdis_dir.join(format!("{}.json", new_rec.uuid)),
+                vdis_dir.join(format!("{}.json", updated.uuid)),
+            );
+            super::meta::barrier(
+                &[(&hb, &base_path), (&r1, &r1p), (&r2, &r2p)],
+                &[&self.root, &vdis_dir],
+            )?;
+            self.fp.hit(p_synced);
             Ok(())
         })();
         if let Err(e) = res {
-            // The leaf was renamed: recovery completes the operation (the VDI's data is in the
-            // base, so completing is the only way back to a served leaf). Report the error all the
-            // same: the caller sees the snapshot on its next scan.
-            tracing::error!(vdi = src.uuid, error = %e, "snapshot step failed after the rename");
+            // Committed: recovery completes the operation (the VDI's data is in the base, so
+            // completing is the only way back to a served leaf). Report the error all the same:
+            // the caller sees the snapshot on its next scan.
+            tracing::error!(vdi = src.uuid, error = %e, "snapshot step failed after its commit");
             self.undo_or_keep(&entry);
             self.reload_after_recovery(&src.uuid, &new_rec.uuid, &base);
             return Err(e);
         }
+        {
+            let mut ix = lock(&self.chain);
+            let grandparent = ix.parent_of(&src.uuid).map(str::to_string);
+            ix.insert(&base, grandparent, true);
+            ix.insert(&src.uuid, Some(base.clone()), false);
+            ix.insert(&new_rec.uuid, Some(base.clone()), false);
+        }
         self.meta.journal_end(&entry.id)?;
+        tracing::debug!(
+            vdi = src.uuid,
+            staged_us = t_staged.as_micros() as u64,
+            committed_us = t_committed.as_micros() as u64,
+            done_us = t0.elapsed().as_micros() as u64,
+            "snapshot phases"
+        );
         *vdi.rec.write().unwrap_or_else(|p| p.into_inner()) = updated;
         self.vdis
             .write()

@@ -57,6 +57,35 @@ impl Format for FakeFormat {
         n.hidden = hidden;
         write(path, &n)
     }
+    fn stage_child(&self, child: &Path, parent: &Path, parent_name: &str) -> Result<std::fs::File> {
+        let p = read(parent)?;
+        let n = Node {
+            size: p.size,
+            hidden: false,
+            parent: Some(parent_name.to_string()),
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(child)
+            .map_err(|e| io("create", child, e))?;
+        f.write_all(&serde_json::to_vec(&n).unwrap())
+            .map_err(|e| io("write", child, e))?;
+        Ok(f)
+    }
+    fn stage_hidden(&self, path: &Path, hidden: bool) -> Result<std::fs::File> {
+        let mut n = read(path)?;
+        n.hidden = hidden;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|e| io("open", path, e))?;
+        f.write_all(&serde_json::to_vec(&n).unwrap())
+            .map_err(|e| io("write", path, e))?;
+        Ok(f)
+    }
     fn inspect(&self, path: &Path) -> Result<NodeInfo> {
         let n = read(path)?;
         Ok(NodeInfo {

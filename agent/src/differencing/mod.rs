@@ -14,6 +14,7 @@ pub mod vhdfmt;
 
 use crate::core::error::Result;
 use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -54,7 +55,7 @@ pub struct NodeInfo {
 }
 
 /// The on-disk format of chain nodes. Implementations must make every change durable (fsync)
-/// before returning.
+/// before returning, except the `stage_*` methods, whose callers sync the returned files.
 pub trait Format: Send + Sync + std::fmt::Debug + 'static {
     /// Creates an empty base disk of `virtual_size` bytes (a multiple of the block size).
     fn create_base(&self, path: &Path, virtual_size: u64) -> Result<()>;
@@ -64,6 +65,14 @@ pub trait Format: Send + Sync + std::fmt::Debug + 'static {
     fn set_hidden(&self, path: &Path, hidden: bool) -> Result<()>;
     /// Reads what [`NodeInfo`] holds.
     fn inspect(&self, path: &Path) -> Result<NodeInfo>;
+    /// Writes, **without syncing**, an empty differencing disk at `child` (which must not exist)
+    /// whose parent is the node that is at `parent` now but will be published as node
+    /// `parent_name` (`./<parent_name>.vhd`, same directory) before the child is used. Returns
+    /// the open file: the caller makes it durable (`sync_data`) as part of a barrier.
+    fn stage_child(&self, child: &Path, parent: &Path, parent_name: &str) -> Result<File>;
+    /// Sets or clears the hidden flag **without syncing**; returns the open file for the
+    /// caller's barrier.
+    fn stage_hidden(&self, path: &Path, hidden: bool) -> Result<File>;
 }
 
 /// File name of node `name` (`<name>.vhd`).
