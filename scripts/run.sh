@@ -15,8 +15,8 @@
 #     (/dev/xen/gntdev present), /run/xenstored/socket; else the project's test xenstored
 #     (`ddstor xenstored`) started on DIR/xenstored.sock.
 #   - vchan: the real Xen backend when /dev/xen/gntdev exists, else simulated Xen in DIR/sim.
-# Environment: PROFILE=release builds and runs the optimised binary; DDSTOR_LOG sets the log
-# filter; DDSTOR_XEN=xen|sim forces the backend.
+# Environment: PROFILE=release builds and runs the optimised binary; DDSTOR_BIN=PATH runs that
+# binary without building; DDSTOR_LOG sets the log filter; DDSTOR_XEN=xen|sim forces the backend.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,12 +25,16 @@ mkdir -p "$DIR"
 DIR=$(cd "$DIR" && pwd)
 PROFILE=${PROFILE:-debug}
 
-if [ "$PROFILE" = release ]; then
-  cargo build --release --bin ddstor
+if [ -n "${DDSTOR_BIN:-}" ]; then
+  BIN=$DDSTOR_BIN            # a binary built elsewhere (tests)
 else
-  cargo build --bin ddstor
+  if [ "$PROFILE" = release ]; then
+    cargo build --release --bin ddstor
+  else
+    cargo build --bin ddstor
+  fi
+  BIN=$PWD/target/$PROFILE/ddstor
 fi
-BIN=$PWD/target/$PROFILE/ddstor
 SOCK=$DIR/run/agent.sock
 LOG=$DIR/agent.log
 PORT=ddstor

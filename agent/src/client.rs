@@ -90,6 +90,40 @@ pub fn route_for(addr: &xs_registry::registry::AgentAddr, own: u16) -> Route {
     }
 }
 
+/// Waits (polling, until `deadline`) for an exclusive lock on the file `path` (created if
+/// needed) and returns it held.
+async fn take_turn(
+    path: &Path,
+    deadline: tokio::time::Instant,
+) -> std::result::Result<std::fs::File, String> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("opening the vchan turn lock {}: {e}", path.display()))?;
+    loop {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock(2) on a descriptor this function owns (kept open by `f`); no memory
+        // is passed. The lock goes away with the descriptor, also when the process dies.
+        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if r == 0 {
+            return Ok(f);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(format!("locking {}: {e}", path.display()));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "another client of this domain kept the vchan (lock {})",
+                path.display()
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+}
+
 /// Finds the agent serving `sr` in the xenstore registry (live, ready, least loaded) and the
 /// route to it from domain `own` (see [`route_for`]).
 pub async fn lookup_sr(xs: &xs_registry::client::Xs, sr: &str, own: u16) -> Result<Route> {
@@ -111,6 +145,9 @@ pub async fn lookup_sr(xs: &xs_registry::client::Xs, sr: &str, own: u16) -> Resu
 #[derive(Debug, Clone)]
 pub struct AgentClient {
     rpc: transport::Client<Call, Reply>,
+    /// The lock held while this client owns its domain's vchan to the agent (see
+    /// [`AgentClient::connect_vchan`]); released when the last clone is dropped.
+    _turn: Option<Arc<std::fs::File>>,
     dbg_prefix: Arc<str>,
     seq: Arc<AtomicU64>,
 }
@@ -158,6 +195,7 @@ impl AgentClient {
         let rpc = transport::Client::handshake(stream, hello).await?;
         Ok(AgentClient {
             rpc,
+            _turn: None,
             dbg_prefix: format!("ddstor-client-{}", std::process::id()).into(),
             seq: Arc::new(AtomicU64::new(1)),
         })
@@ -174,6 +212,10 @@ impl AgentClient {
     /// maps the ring and exchanges hellos. The agent serves one vchan per client domain at a
     /// time and publishes a new ring when the previous client leaves, so this retries (every
     /// few milliseconds) until `timeout` while the rendezvous is missing or stale.
+    ///
+    /// Clients of one domain take turns: with `turn_lock` (a file path every client of this
+    /// domain agrees on), the client holds an exclusive lock on it from before reading the
+    /// rendezvous until it is dropped, so two processes never map the same published ring.
     pub async fn connect_vchan(
         xs: &xs_registry::client::Xs,
         backend: &dyn transport::vchan::Backend,
@@ -181,10 +223,20 @@ impl AgentClient {
         server: u16,
         port: &str,
         timeout: std::time::Duration,
+        turn_lock: Option<&Path>,
     ) -> Result<Self> {
         use transport::vchan::{DomId, VchanClient};
         let rendezvous = xs_registry::rendezvous::XsRendezvous::new(xs.clone());
         let deadline = tokio::time::Instant::now() + timeout;
+        let fail = |e: String| {
+            ClientError::Transport(transport::Error::Vchan(format!(
+                "vchan to domain {server} port {port:?} as domain {own}: {e} (gave up after {timeout:?})"
+            )))
+        };
+        let turn = match turn_lock {
+            Some(p) => Some(Arc::new(take_turn(p, deadline).await.map_err(fail)?)),
+            None => None,
+        };
         let mut pause = std::time::Duration::from_millis(2);
         loop {
             let attempt = async {
@@ -200,18 +252,16 @@ impl AgentClient {
                 }
             };
             match attempt.await {
-                Ok(c) => return Ok(c),
+                Ok(mut c) => {
+                    c._turn = turn;
+                    return Ok(c);
+                }
                 Err(e) if tokio::time::Instant::now() + pause < deadline => {
                     tracing::debug!(error = %e, "vchan connect failed; retrying");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(std::time::Duration::from_millis(100));
                 }
-                Err(e) => {
-                    return Err(ClientError::Transport(transport::Error::Vchan(format!(
-                        "vchan to domain {server} port {port:?} as domain {own}: {e} \
-                         (gave up after {timeout:?})"
-                    ))))
-                }
+                Err(e) => return Err(fail(e.to_string())),
             }
         }
     }

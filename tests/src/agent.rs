@@ -6,10 +6,139 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+/// How `ddstor call` reaches the agent: connection arguments and environment.
+#[derive(Debug, Clone, Default)]
+pub struct ClientVia {
+    /// Arguments placed before METHOD (e.g. `--vchan 1:ddstor`); empty = `--unix <socket>`.
+    pub args: Vec<String>,
+    /// Environment of the client (e.g. `XENSTORED_PATH`, `XEN_SIM_DIR`).
+    pub env: Vec<(String, String)>,
+}
+
+/// A running test xenstored (`ddstor xenstored`) with a simulated-Xen directory beside it,
+/// for agents serving vchan-sim. Killed when dropped.
+#[derive(Debug)]
+pub struct Xenstored {
+    child: Child,
+    /// The dom0 socket.
+    pub socket: PathBuf,
+    /// The simulated Xen directory (`XEN_SIM_DIR`).
+    pub sim_dir: PathBuf,
+}
+
+/// The vchan port the test agents serve.
+pub const VCHAN_PORT: &str = "ddstor";
+
+impl Xenstored {
+    /// Starts `ddstor xenstored --socket <root>/xenstored.sock` introducing `domains`, and
+    /// creates `<root>/sim`.
+    pub fn start(root: &Path, domains: &[u16]) -> Xenstored {
+        let socket = root.join("xenstored.sock");
+        let sim_dir = root.join("sim");
+        std::fs::create_dir_all(&sim_dir).expect("sim dir");
+        let mut cmd = Command::new(crate::bin("ddstor"));
+        cmd.args(["xenstored", "--socket"]).arg(&socket);
+        for d in domains {
+            cmd.args(["--domain", &d.to_string()]);
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawning ddstor xenstored");
+        let me = Xenstored {
+            child,
+            socket,
+            sim_dir,
+        };
+        let t0 = Instant::now();
+        let ready = |p: &Path| p.exists();
+        while !ready(&me.socket) || !domains.iter().all(|d| ready(&me.domain_socket(*d))) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "xenstored did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        me
+    }
+
+    /// The socket through which a connection acts as domain `d` (introduced at start).
+    pub fn domain_socket(&self, d: u16) -> PathBuf {
+        PathBuf::from(format!("{}.{d}", self.socket.display()))
+    }
+
+    /// `ddstor serve` arguments: serve vchan-sim as domain `domid` for client dom0 and
+    /// register in xenstore.
+    pub fn serve_args(&self, domid: u16) -> Vec<String> {
+        let xs = if domid == 0 {
+            self.socket.clone()
+        } else {
+            self.domain_socket(domid)
+        };
+        [
+            "--xen",
+            "sim",
+            "--xen-sim-dir",
+            self.sim_dir.to_str().unwrap(),
+            "--domid",
+            &domid.to_string(),
+            "--vchan-client",
+            "0",
+            "--vchan-port",
+            VCHAN_PORT,
+            "--xenstore",
+            "on",
+            "--xenstore-socket",
+            xs.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// The client environment (dom0's xenstore, the simulated Xen).
+    pub fn client_env(&self) -> Vec<(String, String)> {
+        vec![
+            (
+                "XENSTORED_PATH".into(),
+                self.socket.to_str().unwrap().into(),
+            ),
+            ("XEN_SIM_DIR".into(), self.sim_dir.to_str().unwrap().into()),
+            ("DDSTOR_XEN".into(), "sim".into()),
+        ]
+    }
+
+    /// `ddstor call` over vchan to the agent in domain `domid`, as dom0.
+    pub fn via_vchan(&self, domid: u16) -> ClientVia {
+        ClientVia {
+            args: vec!["--vchan".into(), format!("{domid}:{VCHAN_PORT}")],
+            env: self.client_env(),
+        }
+    }
+
+    /// `ddstor call --sr SR`: the agent found through the xenstore registry, as dom0.
+    pub fn via_sr(&self, sr: &str) -> ClientVia {
+        ClientVia {
+            args: vec!["--sr".into(), sr.into()],
+            env: self.client_env(),
+        }
+    }
+}
+
+impl Drop for Xenstored {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A running `ddstor serve`. Killed (SIGKILL) when dropped.
 #[derive(Debug)]
 pub struct Agent {
     child: Option<Child>,
+    /// How calls reach it (default: its unix socket).
+    pub via: ClientVia,
     /// The agent's unix socket.
     pub socket: PathBuf,
     /// The agent's data directory (SRs are created under it).
@@ -25,6 +154,19 @@ pub struct AgentOptions {
     pub args: Vec<String>,
     /// Extra environment variables (e.g. `DDSTOR_FAILPOINT`).
     pub env: Vec<(String, String)>,
+    /// How `ddstor call` reaches it (default: the unix socket).
+    pub via: ClientVia,
+}
+
+impl AgentOptions {
+    /// Serve vchan-sim as domain `domid` with `xsd`, and send calls over vchan.
+    pub fn vchan(xsd: &Xenstored, domid: u16) -> AgentOptions {
+        AgentOptions {
+            args: xsd.serve_args(domid),
+            env: Vec::new(),
+            via: xsd.via_vchan(domid),
+        }
+    }
 }
 
 static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -65,6 +207,7 @@ impl Agent {
         let child = cmd.spawn().expect("spawning ddstor serve");
         Agent {
             child: Some(child),
+            via: opts.via.clone(),
             socket,
             data_dir,
             log,
@@ -81,7 +224,8 @@ impl Agent {
         self.child.as_ref().expect("running").id()
     }
 
-    /// Waits (up to 30 s) until `Query.query` answers; panics with the log if the agent died.
+    /// Waits (up to 30 s) until `Query.query` answers (by [`Agent::via`]); panics with the
+    /// log if the agent died.
     pub fn wait_ready(&self) {
         let t0 = Instant::now();
         loop {
@@ -103,10 +247,17 @@ impl Agent {
         };
         // Large arguments go through stdin (`-`): argv strings are limited to 128 KiB.
         let big = text.len() > 64 << 10;
-        let mut child = Command::new(crate::bin("ddstor"))
-            .arg("call")
-            .arg("--unix")
-            .arg(&self.socket)
+        let mut cmd = Command::new(crate::bin("ddstor"));
+        cmd.arg("call");
+        if self.via.args.is_empty() {
+            cmd.arg("--unix").arg(&self.socket);
+        } else {
+            cmd.args(&self.via.args);
+        }
+        for (k, v) in &self.via.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
             .arg(method)
             .arg(if big { "-" } else { text.as_str() })
             .env_remove("RUST_LOG")
@@ -248,24 +399,18 @@ pub fn new_uuid() -> String {
 
 /// Reads the first `len` bytes of the flattened disk of the VHD chain whose leaf is `leaf`
 /// through libvhdi's `vhdimount` (FUSE), the independent reader of differencing chains.
+/// vhdimount exposes one file per layer, `vhdi1` the base: the leaf's view is the
+/// highest-numbered one.
 pub fn read_with_vhdimount(leaf: &Path, len: usize) -> Vec<u8> {
-    crate::require_tool("vhdimount", "libvhdi-utils");
     let mnt = tempfile::tempdir().expect("mount point");
-    let st = Command::new("vhdimount")
-        .arg(leaf)
-        .arg(mnt.path())
-        .stdout(Stdio::null())
-        .status()
-        .expect("running vhdimount");
-    assert!(st.success(), "vhdimount {} failed: {st}", leaf.display());
-    let file = mnt.path().join("vhdi1");
+    let m = crate::libvhdi::VhdiMount::new(leaf, mnt.path());
     let data = (|| {
         use std::io::Read;
-        let mut f = std::fs::File::open(&file)?;
+        let mut f = std::fs::File::open(m.leaf_view())?;
         let mut buf = vec![0u8; len];
         f.read_exact(&mut buf)?;
         Ok::<_, std::io::Error>(buf)
     })();
-    let _ = Command::new("umount").arg(mnt.path()).status();
+    drop(m);
     data.unwrap_or_else(|e| panic!("reading {} through vhdimount: {e}", leaf.display()))
 }

@@ -5,6 +5,7 @@
 //! to install (the project's `scripts/test.sh` installs every one of them).
 
 pub mod agent;
+pub mod libvhdi;
 pub mod nbd;
 
 use std::path::PathBuf;

@@ -1,8 +1,8 @@
-//! `ddstor serve` as a process, driven through `ddstor call` over its unix socket: every core
-//! and disk_differencing call the agent serves, success and failure paths, with xapi's error
-//! variants; state survives a clean restart.
+//! `ddstor serve` as a process, driven through `ddstor call` over its unix socket and over
+//! vchan-sim: every core and disk_differencing call the agent serves, success and failure
+//! paths, with xapi's error variants; state survives a clean restart.
 
-use ddstor_e2e::agent::{new_uuid, Agent, AgentOptions};
+use ddstor_e2e::agent::{new_uuid, Agent, AgentOptions, Xenstored};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -20,7 +20,20 @@ fn scan_ids(agent: &Agent, sr: &str) -> BTreeSet<String> {
 #[test]
 fn every_core_and_differencing_call_works_over_unix_and_state_survives_restart() {
     let root = tempfile::tempdir().unwrap();
-    let mut agent = Agent::start(root.path(), &AgentOptions::default());
+    core_flow(root.path(), &AgentOptions::default());
+}
+
+/// The same flow with every call over vchan-sim (`ddstor call --vchan 1:ddstor`), the agent in
+/// domain 1 and the ring's rendezvous in the test xenstored.
+#[test]
+fn every_core_and_differencing_call_works_over_vchan_sim_and_state_survives_restart() {
+    let root = tempfile::tempdir().unwrap();
+    let xsd = Xenstored::start(root.path(), &[1]);
+    core_flow(root.path(), &AgentOptions::vchan(&xsd, 1));
+}
+
+fn core_flow(root: &std::path::Path, opts: &AgentOptions) {
+    let mut agent = Agent::start(root, opts);
 
     // Query.
     let q = agent.ok("Query.query", json!({}));
@@ -194,7 +207,7 @@ fn every_core_and_differencing_call_works_over_unix_and_state_survives_restart()
     let st = agent.terminate();
     assert!(st.success(), "exit status {st}; log:\n{}", agent.log_text());
     assert!(!agent.socket.exists(), "socket removed on shutdown");
-    let agent = Agent::start(root.path(), &AgentOptions::default());
+    let agent = Agent::start(root, opts);
     assert_eq!(agent.ok("SR.list", json!({})), json!([]));
     agent.ok("SR.attach", json!({"sr": sr}));
     assert_eq!(

@@ -148,7 +148,8 @@ impl ConnectArgs {
         })
     }
 
-    fn backend(&self) -> Result<Arc<dyn Backend>, ClientError> {
+    /// The vchan backend, and the simulated Xen directory when it is the sim one.
+    fn backend(&self) -> Result<(Arc<dyn Backend>, Option<PathBuf>), ClientError> {
         let kind = self.xen.unwrap_or_else(|| {
             if std::path::Path::new("/dev/xen/gntdev").exists() {
                 ClientXen::Xen
@@ -157,7 +158,7 @@ impl ConnectArgs {
             }
         });
         Ok(match kind {
-            ClientXen::Xen => transport::vchan::open_backend(BackendKind::Xen)?,
+            ClientXen::Xen => (transport::vchan::open_backend(BackendKind::Xen)?, None),
             ClientXen::Sim => {
                 let dir = non_empty(&self.xen_sim_dir).ok_or_else(|| {
                     ClientError::Lookup(
@@ -166,7 +167,7 @@ impl ConnectArgs {
                             .into(),
                     )
                 })?;
-                Arc::new(SimXen::new(dir)?)
+                (Arc::new(SimXen::new(dir)?), Some(dir.clone()))
             }
         })
     }
@@ -177,7 +178,13 @@ impl ConnectArgs {
         domid: u16,
         port: &str,
     ) -> Result<AgentClient, ClientError> {
-        let backend = self.backend()?;
+        let (backend, sim_dir) = self.backend()?;
+        // Clients of this domain take turns on the one vchan: a lock file they all see (the
+        // simulated Xen directory, or /run/ddstor on a Xen host).
+        let lock_dir = sim_dir.unwrap_or_else(|| PathBuf::from("/run/ddstor"));
+        let lock = std::fs::create_dir_all(&lock_dir)
+            .is_ok()
+            .then(|| lock_dir.join(format!(".vchan-{domid}-{}-{port}.lock", self.domid)));
         AgentClient::connect_vchan(
             xs,
             &*backend,
@@ -185,6 +192,7 @@ impl ConnectArgs {
             domid,
             port,
             Duration::from_secs(self.connect_timeout),
+            lock.as_deref(),
         )
         .await
     }
@@ -351,6 +359,9 @@ pub fn run(mut a: CallArgs) -> anyhow::Result<()> {
             let client = a.connect.connect().await?;
             bench(&client, &call, n.max(1), a.concurrency).await
         });
+        // Drop the runtime (and with it the connection) before any exit: a vchan peer must see
+        // the ring closed, or the agent keeps this domain's one vchan.
+        drop(rt);
         return match result {
             Ok(v) => {
                 println!("{v}");
@@ -363,6 +374,9 @@ pub fn run(mut a: CallArgs) -> anyhow::Result<()> {
         let client = a.connect.connect().await?;
         client.call(call).await
     });
+    // Drop the runtime (and with it the connection) before any exit: a vchan peer must see
+    // the ring closed, or the agent keeps this domain's one vchan.
+    drop(rt);
     match result {
         Ok(r) => print_response(&r),
         Err(e) => exit_client_error(&e, &target),

@@ -264,6 +264,9 @@ pub fn run(mut a: VdiArgs) -> anyhow::Result<()> {
         }
         Ok(())
     });
+    // Drop the runtime (and with it the connection) before any exit: a vchan peer must see
+    // the ring closed, or the agent keeps this domain's one vchan.
+    drop(rt);
     match result {
         Ok(()) => Ok(()),
         Err(e) => exit_client_error(&e, &target),

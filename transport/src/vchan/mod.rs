@@ -17,7 +17,7 @@ pub mod sim;
 mod stream;
 pub mod xen;
 
-pub use stream::{open_backend, BackendKind, VchanClient, VchanServer, VchanStream};
+pub use stream::{open_backend, BackendKind, PeerGone, VchanClient, VchanServer, VchanStream};
 
 use crate::error::Result;
 use futures::future::BoxFuture;

@@ -12,7 +12,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -53,6 +53,34 @@ struct Wakers {
     read: AtomicWaker,
     write: AtomicWaker,
     events: AtomicU64,
+    /// Set by [`PeerGone::signal`]: the peer's domain died.
+    peer_domain_gone: AtomicBool,
+}
+
+/// Tells a [`VchanStream`] that the peer's *domain* is gone (destroyed or crashed). A process
+/// that dies has the kernel clear its live byte and signal for it (the unmap notification), but
+/// a destroyed domain's kernel never runs again: Xen closes its end of the event channel without
+/// an event and the live byte keeps its last value, so the ring alone cannot tell. Whoever
+/// watches the domain (e.g. xenstore's `@releaseDomain` and the domain's tree gone) calls
+/// [`PeerGone::signal`]; readers then see end-of-file and writers `BrokenPipe`.
+#[derive(Clone)]
+pub struct PeerGone(Arc<Wakers>);
+
+impl std::fmt::Debug for PeerGone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerGone")
+            .field("signalled", &self.0.peer_domain_gone.load(Ordering::SeqCst))
+            .finish()
+    }
+}
+
+impl PeerGone {
+    /// Mark the peer's domain gone and wake the stream's reader and writer.
+    pub fn signal(&self) {
+        self.0.peer_domain_gone.store(true, Ordering::SeqCst);
+        self.0.read.wake();
+        self.0.write.wake();
+    }
 }
 
 /// Keeps the event channel (and so its descriptor) alive as long as tokio watches it.
@@ -101,6 +129,7 @@ impl VchanStream {
             read: AtomicWaker::new(),
             write: AtomicWaker::new(),
             events: AtomicU64::new(0),
+            peer_domain_gone: AtomicBool::new(false),
         });
         // SAFETY: `EvFd` owns an `Arc` of the event channel, whose descriptor stays open and
         // unchanged until the channel is dropped, which cannot happen before the `AsyncFd`.
@@ -144,6 +173,19 @@ impl VchanStream {
                 Poll::Pending => return Ok(()),
             }
         }
+    }
+
+    /// A handle to tell this stream its peer's domain died (see [`PeerGone`]).
+    pub fn peer_gone_handle(&self) -> PeerGone {
+        PeerGone(self.wakers.clone())
+    }
+
+    /// The peer is gone: its live byte says so, or its domain was reported dead.
+    fn peer_gone(&mut self) -> Result<bool> {
+        if self.wakers.peer_domain_gone.load(Ordering::SeqCst) {
+            return Ok(true);
+        }
+        Ok(self.ring.peer_live()? == Live::Gone)
     }
 
     /// Events received so far (diagnostics).
@@ -234,10 +276,10 @@ impl AsyncRead for VchanStream {
             if attempt == 1 {
                 break;
             }
-            match this.ring.peer_live() {
+            match this.peer_gone() {
                 // Gone: read once more (data written just before the close), then EOF.
-                Ok(Live::Gone) => continue,
-                Ok(_) => return Poll::Pending,
+                Ok(true) => continue,
+                Ok(false) => return Poll::Pending,
                 Err(e) => return Poll::Ready(Err(this.fail(e))),
             }
         }
@@ -265,14 +307,14 @@ impl AsyncWrite for VchanStream {
         if let Err(e) = this.poll_events() {
             return Poll::Ready(Err(this.fail(e)));
         }
-        match this.ring.peer_live() {
-            Ok(Live::Gone) => {
+        match this.peer_gone() {
+            Ok(true) => {
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::BrokenPipe,
                     "vchan peer has gone",
                 )))
             }
-            Ok(_) => {}
+            Ok(false) => {}
             Err(e) => return Poll::Ready(Err(this.fail(e))),
         }
         match this.ring.send(buf) {
@@ -556,6 +598,33 @@ mod tests {
         s2.read_exact(&mut b).await.unwrap();
         assert_eq!(&b, b"again");
         assert!(rz.is_empty(), "rendezvous removed once connected");
+    }
+
+    #[tokio::test]
+    async fn a_dead_peer_domain_reported_ends_reads_and_writes() {
+        // The peer's domain is destroyed: no live-byte change, no event. Only the report of
+        // its death (PeerGone) ends the stream: a blocked reader gets EOF, a writer BrokenPipe.
+        let (_srv, mut s, c) = connected(Arc::new(MemXen::new()), (10, 11)).await;
+        let gone = s.peer_gone_handle();
+        let reader = tokio::spawn(async move {
+            let mut b = [0u8; 8];
+            let n = s.read(&mut b).await.unwrap();
+            (s, n)
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !reader.is_finished(),
+            "nothing ends the read before the report"
+        );
+        gone.signal();
+        let (mut s, n) = tokio::time::timeout(Duration::from_secs(5), reader)
+            .await
+            .expect("the report wakes the blocked reader")
+            .unwrap();
+        assert_eq!(n, 0, "end-of-file once the peer's domain is gone");
+        let err = s.write(b"x").await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
+        drop(c);
     }
 
     #[tokio::test]

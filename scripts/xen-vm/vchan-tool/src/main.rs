@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use transport::vchan::{
-    open_backend, rendezvous_path, Backend, BackendKind, DomId, EvtchnPort, GrantRef, Rendezvous,
-    VchanClient, VchanServer, VchanStream,
+    open_backend, rendezvous_path, Backend, BackendKind, DomId, EvtchnPort, GrantRef, PeerGone,
+    Rendezvous, VchanClient, VchanServer, VchanStream,
 };
 
 /// Test driver of ddstor's vchan ring on real Xen.
@@ -305,6 +305,9 @@ async fn client(
             return Ok(());
         }
         "hold" => {
+            if server != me {
+                watch_domain(server, stream.peer_gone_handle());
+            }
             println!("xenvm-vchan: connected (orders {l},{r}), holding");
             let mut b = [0u8; 64];
             let t = Instant::now();
@@ -328,6 +331,44 @@ async fn client(
     // Let the peer read our last bytes before the ring goes.
     tokio::time::sleep(Duration::from_millis(10)).await;
     Ok(())
+}
+
+/// A destroyed domain never clears its live byte nor signals: watch xenstore's
+/// `@releaseDomain` (fired whenever a domain dies) and, once the server's domain tree is gone,
+/// tell the stream (`PeerGone`), as a long-lived dom0 client of a driver domain must.
+fn watch_domain(dom: DomId, gone: PeerGone) {
+    use std::io::BufRead;
+    let child = Command::new("xenstore-watch")
+        .arg("@releaseDomain")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("xenvm-vchan: cannot watch @releaseDomain: {e}");
+            return;
+        }
+    };
+    let out = child.stdout.take().expect("piped stdout");
+    std::thread::spawn(move || {
+        for _line in std::io::BufReader::new(out).lines() {
+            let domid = format!("/local/domain/{}/domid", dom.0);
+            let exists = Command::new("xenstore-exists")
+                .arg(&domid)
+                .stdin(std::process::Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(true);
+            if !exists {
+                println!("xenvm-vchan: domain {} is gone (@releaseDomain)", dom.0);
+                gone.signal();
+                break;
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    });
 }
 
 fn my_domid(arg: Option<u16>) -> Result<DomId> {
