@@ -39,6 +39,7 @@ fn start(root: &Path, cfg: &Path, env: Vec<(String, String)>) -> Agent {
         &AgentOptions {
             args: vec!["--config".into(), cfg.display().to_string()],
             env,
+            ..Default::default()
         },
     )
 }
