@@ -27,7 +27,7 @@ for t in /xenvm/tests/*.sh; do
   name=$(basename "$t" .sh)
   echo "xenvm: --- $name"
   start=$(cut -d' ' -f1 /proc/uptime)
-  timeout "${XENVM_TEST_TIMEOUT:-240}" sh "$t" >/tmp/test.out 2>&1
+  timeout "${XENVM_TEST_TIMEOUT:-480}" sh "$t" >/tmp/test.out 2>&1
   rc=$?
   sed -e '/^XENVM-BENCH/!s/^/xenvm   | /' /tmp/test.out
   secs=$(awk -v a="$start" -v b="$(cut -d' ' -f1 /proc/uptime)" 'BEGIN{printf "%.1f", b-a}')

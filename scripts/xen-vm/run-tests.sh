@@ -9,11 +9,11 @@
 # It never skips: no qemu-system, no packages, no boot => non-zero with the reason.
 #
 # Environment:
-#   XENVM_TIMEOUT   seconds for the whole qemu run (default 900)
+#   XENVM_TIMEOUT   seconds for the whole qemu run (default 1500)
 #   XENVM_ONLY      run only the in-VM tests whose file name matches this extended regex
 #   XENVM_PROFILE   debug (default: the binaries scripts/test.sh already built) or release
 #   XENVM_NO_BUILD  =1: use the existing binaries of that profile as they are
-#   XENVM_TEST_TIMEOUT  seconds each in-VM test may take (default 240)
+#   XENVM_TEST_TIMEOUT  seconds each in-VM test may take (default 480)
 #   XENVM_CLOSE_ITERS   iterations of the close-detection cases (default 3)
 #   XENVM_WIP       =1: also run tests/wip/*.sh (not yet reliable; not run in CI)
 #   XENVM_SHELL     =1: after the tests, drop to a shell on the console instead of powering off
@@ -228,12 +228,12 @@ assemble() {
 # 4. Boot and collect.
 # ---------------------------------------------------------------------------------------------
 boot() {
-  say "booting Xen 4.17 + dom0 ($KVER) under qemu TCG (timeout ${XENVM_TIMEOUT:-900} s)"
+  say "booting Xen 4.17 + dom0 ($KVER) under qemu TCG (timeout ${XENVM_TIMEOUT:-1500} s)"
   local stdin=/dev/null
   [ "${XENVM_SHELL:-}" = 1 ] && stdin=/dev/stdin
   local tb=$SECONDS
   QEMU_MODULE_DIR=$XROOT/usr/lib/x86_64-linux-gnu/qemu \
-    timeout --foreground "${XENVM_TIMEOUT:-900}" "$QEMU" -L "$XROOT/usr/share/qemu" -L "$XROOT/usr/share/seabios" \
+    timeout --foreground "${XENVM_TIMEOUT:-1500}" "$QEMU" -L "$XROOT/usr/share/qemu" -L "$XROOT/usr/share/seabios" \
     -accel tcg -cpu "${XENVM_CPU:-max,xsave=off}" -m 3072 -smp "${XENVM_SMP:-1}" -nographic -no-reboot -vga none -nic none \
     -kernel "$WORK/xen" \
     -append "console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M loglvl=warning guest_loglvl=warning smap=0 ${XENVM_XEN_ARGS:-}" \

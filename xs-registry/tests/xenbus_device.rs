@@ -265,3 +265,21 @@ async fn a_character_device_path_selects_xenbus_mode() {
     assert_eq!(stats.overlapped.load(Ordering::SeqCst), 0);
     assert!(stats.requests.load(Ordering::SeqCst) >= 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_that_give_up_do_not_wedge_the_device() {
+    let env = Env::new();
+    let (xs, stats) = env.guest(0);
+    xs.write("/c", "1").await.unwrap();
+    // Each of these is polled once (its request queued or sent), then dropped.
+    for _ in 0..20 {
+        let _ = tokio::time::timeout(Duration::ZERO, xs.read("/c")).await;
+    }
+    let t = xs.transaction().await.unwrap();
+    drop(t); // aborted in the background
+    for i in 0..5 {
+        xs.write("/c", &i.to_string()).await.unwrap();
+        assert_eq!(xs.read("/c").await.unwrap(), i.to_string());
+    }
+    assert_eq!(stats.overlapped.load(Ordering::SeqCst), 0);
+}

@@ -2,107 +2,11 @@
 //! crash recovery at every failpoint, and concurrency. They run against the JSON test double of
 //! the node format (fast) and, where it matters, against real VHDs (`vhd_tests`).
 
+use super::fixtures::*;
 use super::*;
 use crate::differencing::fake::FakeFormat;
-use crate::differencing::{list_nodes, ChainIndex};
+use crate::differencing::list_nodes;
 use std::collections::BTreeSet;
-
-pub(crate) const SR: &str = "11111111-2222-3333-4444-555555555555";
-
-pub(crate) fn engine_with(dir: &Path, fp: Failpoints, format: Arc<dyn Format>) -> Storage {
-    Storage::with_format(
-        StorageConfig {
-            data_dir: dir.to_path_buf(),
-            sr_roots: vec![],
-            failpoints: fp,
-        },
-        format,
-    )
-}
-
-fn engine(dir: &Path) -> Storage {
-    engine_with(dir, Failpoints::none(), Arc::new(FakeFormat))
-}
-
-pub(crate) fn create_params(size: i64) -> VdiCreate {
-    VdiCreate {
-        name_label: "disk".into(),
-        virtual_size: size,
-        persistent: true,
-        ..Default::default()
-    }
-}
-
-async fn new_sr(st: &Storage) {
-    st.sr_create(SR, "sr", "test sr", &BTreeMap::new())
-        .await
-        .unwrap();
-    st.sr_attach(SR, &BTreeMap::new()).await.unwrap();
-}
-
-/// Everything on disk (relative path → contents), to prove a refused call changed nothing.
-pub(crate) fn disk_state(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if !p.ends_with("lock") {
-                out.insert(
-                    p.strip_prefix(dir).unwrap().display().to_string(),
-                    std::fs::read(&p).unwrap(),
-                );
-            }
-        }
-    }
-    out
-}
-
-/// The SR's invariants after any operation or recovery: every record has a visible node;
-/// every visible node has a record; every parent exists; no hidden base without children; no
-/// journal entry and no temporary left.
-pub(crate) fn assert_consistent(root: &Path, format: &dyn Format) {
-    let store = meta::MetaStore::new(root, Failpoints::none());
-    assert!(store.journal_pending().unwrap().is_empty(), "journal left");
-    let records: BTreeSet<String> = store
-        .read_vdis()
-        .unwrap()
-        .into_iter()
-        .map(|r| r.uuid)
-        .collect();
-    let mut ix = ChainIndex::default();
-    for n in list_nodes(root).unwrap() {
-        let i = format.inspect(&root.join(format!("{n}.vhd"))).unwrap();
-        ix.insert(&n, i.parent, i.hidden);
-    }
-    let nodes = list_nodes(root).unwrap();
-    for n in &nodes {
-        if ix.is_hidden(n) {
-            assert!(!records.contains(n), "record for hidden node {n}");
-            assert!(
-                !ix.children_of(n).is_empty(),
-                "hidden base {n} has no child"
-            );
-        } else {
-            assert!(records.contains(n), "node {n} has no record");
-        }
-        if let Some(p) = ix.parent_of(n) {
-            assert!(nodes.iter().any(|x| x == p), "parent {p} of {n} missing");
-        }
-    }
-    for r in &records {
-        assert!(nodes.contains(r), "record {r} has no node");
-    }
-    for e in std::fs::read_dir(root).unwrap().flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        assert!(
-            !name.ends_with(".part") && !name.ends_with(".tmp"),
-            "temporary {name} left"
-        );
-    }
-}
 
 fn sr_root(dir: &Path) -> PathBuf {
     dir.join(SR)
@@ -110,9 +14,7 @@ fn sr_root(dir: &Path) -> PathBuf {
 
 #[tokio::test]
 async fn create_rounds_size_up_and_scan_stat_destroy_follow() {
-    let dir = tempfile::tempdir().unwrap();
-    let st = engine(dir.path());
-    new_sr(&st).await;
+    let Fixture { dir, st, .. } = Fixture::fake().await;
     let v = st.vdi_create(SR, create_params(1)).await.unwrap();
     assert_eq!(v.record.virtual_size, 2 << 20);
     assert!(v.record.persistent);
@@ -150,9 +52,7 @@ async fn create_rounds_size_up_and_scan_stat_destroy_follow() {
 
 #[tokio::test]
 async fn records_survive_detach_and_reattach() {
-    let dir = tempfile::tempdir().unwrap();
-    let st = engine(dir.path());
-    new_sr(&st).await;
+    let Fixture { dir, st, .. } = Fixture::fake().await;
     let v = st.vdi_create(SR, create_params(5 << 20)).await.unwrap();
     st.vdi_epoch_begin(SR, &v.record.uuid, "vm1", true)
         .await
@@ -171,9 +71,7 @@ async fn records_survive_detach_and_reattach() {
 
 #[tokio::test]
 async fn snapshot_and_clone_use_the_double_child_scheme() {
-    let dir = tempfile::tempdir().unwrap();
-    let st = engine(dir.path());
-    new_sr(&st).await;
+    let Fixture { dir, st, .. } = Fixture::fake().await;
     let v = st
         .vdi_create(SR, create_params(4 << 20))
         .await
@@ -264,9 +162,7 @@ async fn a_second_engine_cannot_attach_a_locked_sr() {
 
 #[tokio::test]
 async fn attach_adopts_unknown_nodes_and_reports_missing_ones() {
-    let dir = tempfile::tempdir().unwrap();
-    let st = engine(dir.path());
-    new_sr(&st).await;
+    let Fixture { dir, st, .. } = Fixture::fake().await;
     let gone = st
         .vdi_create(SR, create_params(2 << 20))
         .await
@@ -303,9 +199,7 @@ async fn attach_adopts_unknown_nodes_and_reports_missing_ones() {
 
 #[tokio::test]
 async fn bad_arguments_are_typed_errors_that_change_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let st = engine(dir.path());
-    new_sr(&st).await;
+    let Fixture { dir, st, .. } = Fixture::fake().await;
     let v = st
         .vdi_create(SR, create_params(2 << 20))
         .await
@@ -391,9 +285,7 @@ async fn bad_arguments_are_typed_errors_that_change_nothing() {
 
 #[tokio::test]
 async fn destroy_is_refused_while_a_datapath_is_recorded() {
-    let dir = tempfile::tempdir().unwrap();
-    let st = engine(dir.path());
-    new_sr(&st).await;
+    let Fixture { dir: _dir, st, .. } = Fixture::fake().await;
     let v = st
         .vdi_create(SR, create_params(2 << 20))
         .await
@@ -438,26 +330,6 @@ async fn sr_create_refuses_an_existing_sr_and_honours_device_config_path() {
     assert!(!elsewhere.exists());
     // Gone from the agent's memory too: it can be created again.
     st.sr_create(SR, "a", "", &BTreeMap::new()).await.unwrap();
-}
-
-/// Runs `op` with `failpoint` armed to panic (a crash: nothing after it runs), then re-attaches
-/// with a fresh engine and checks the SR's invariants. Returns the fresh engine.
-pub(crate) async fn crash_and_recover(
-    dir: &Path,
-    format: Arc<dyn Format>,
-    failpoint: &str,
-    setup: impl AsyncFnOnce(&Storage) -> String,
-    op: impl AsyncFnOnce(&Storage, String),
-) -> (Storage, String) {
-    let st = engine_with(dir, Failpoints::panic_at(failpoint), format.clone());
-    new_sr(&st).await;
-    let id = setup(&st).await;
-    op(&st, id.clone()).await;
-    drop(st);
-    let st = engine_with(dir, Failpoints::none(), format.clone());
-    st.sr_attach(SR, &BTreeMap::new()).await.unwrap();
-    assert_consistent(&dir.join(SR), format.as_ref());
-    (st, id)
 }
 
 #[tokio::test]
@@ -649,9 +521,7 @@ async fn a_snapshot_recovers_whichever_unsynced_step_the_crash_lost() {
 #[tokio::test]
 async fn metadata_writes_are_incremental_and_touch_only_the_changed_records() {
     use std::os::unix::fs::MetadataExt;
-    let dir = tempfile::tempdir().unwrap();
-    let st = engine(dir.path());
-    new_sr(&st).await;
+    let Fixture { dir, st, .. } = Fixture::fake().await;
     let mut ids = Vec::new();
     for _ in 0..5 {
         ids.push(
@@ -744,9 +614,8 @@ async fn a_crash_at_every_destroy_step_completes_the_destroy_and_keeps_the_rest(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_clients_lose_no_update_and_match_a_model() {
-    let dir = tempfile::tempdir().unwrap();
-    let st = Arc::new(engine(dir.path()));
-    new_sr(&st).await;
+    let Fixture { dir, st, .. } = Fixture::fake().await;
+    let st = Arc::new(st);
     let shared = st
         .vdi_create(SR, create_params(2 << 20))
         .await
@@ -827,9 +696,7 @@ async fn concurrent_clients_lose_no_update_and_match_a_model() {
 
 #[tokio::test]
 async fn diagnostics_describe_srs_and_vdis() {
-    let dir = tempfile::tempdir().unwrap();
-    let st = engine(dir.path());
-    new_sr(&st).await;
+    let Fixture { dir: _dir, st, .. } = Fixture::fake().await;
     let v = st
         .vdi_create(SR, create_params(2 << 20))
         .await

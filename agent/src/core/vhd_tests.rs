@@ -2,14 +2,10 @@
 //! written before a snapshot/clone is readable through both VDIs afterwards, and no crash at any
 //! failpoint loses it.
 
-use super::tests::{assert_consistent, crash_and_recover, create_params, engine_with, SR};
+use super::fixtures::{assert_consistent, crash_and_recover, create_params, Fixture, SR};
 use super::*;
 use crate::differencing::list_nodes;
 use crate::differencing::vhdfmt::VhdFormat;
-
-fn engine(dir: &Path) -> Storage {
-    engine_with(dir, Failpoints::none(), Arc::new(VhdFormat))
-}
 
 fn chain(root: &Path, vdi: &str, writable: bool) -> vhd::Chain {
     vhd::Chain::open(
@@ -42,11 +38,11 @@ fn check_all(root: &Path) {
 
 #[tokio::test]
 async fn snapshot_and_clone_of_real_vhds_keep_data_and_pass_check() {
-    let dir = tempfile::tempdir().unwrap();
-    let st = engine(dir.path());
-    st.sr_create(SR, "", "", &BTreeMap::new()).await.unwrap();
-    st.sr_attach(SR, &BTreeMap::new()).await.unwrap();
-    let root = dir.path().join(SR);
+    let Fixture {
+        dir: _dir,
+        st,
+        root,
+    } = Fixture::vhd().await;
     let v = st
         .vdi_create(SR, create_params(5 << 20))
         .await

@@ -28,11 +28,11 @@ wait_for 180 ready || { guestlog; xenstore-ls -f /local/domain/$dom/data; fail "
 info "registered by the guest: $(xenstore-ls -f $REG | tr '\n' ';')"
 ddstor xs list || fail "ddstor xs list"
 
-ddstor_flow vchan-dd $REG --vchan $dom:ddstor
+ddstor_flow vchan-dd $REG --connect-timeout 60 --vchan $dom:ddstor
 ddstor xs lookup "$LAST_SR" | tee /tmp/lookup || { guestlog; fail "lookup of $LAST_SR"; }
 grep -q "$dom" /tmp/lookup || fail "the lookup does not name domain $dom"
-ddstor_flow sr-lookup-dd $REG --sr "$LAST_SR"
-out=$(ddstor call --vchan $dom:ddstor --repeat 100 Query.query) || fail "call --repeat across domains"
+ddstor_flow sr-lookup-dd $REG --connect-timeout 60 --sr "$LAST_SR"
+out=$(ddstor call --connect-timeout 60 --vchan $dom:ddstor --repeat 100 Query.query) || fail "call --repeat across domains"
 echo "$out"
 
 # xl destroy while dom0 holds a vchan to the agent: the holder sees the peer gone, and the

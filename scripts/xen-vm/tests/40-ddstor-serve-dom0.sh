@@ -27,11 +27,11 @@ grep -q "0" /tmp/lookup || fail "lookup does not name dom0"
 if [ -n "${XENVM_NO_VCHAN:-}" ]; then
   info "vchan part skipped by XENVM_NO_VCHAN"
 else
-  ddstor_flow vchan $REG --xen "$SERVE_XEN" --vchan 0:ddstor
+  ddstor_flow vchan $REG --xen "$SERVE_XEN" --connect-timeout 60 --vchan 0:ddstor
   # `--sr` prefers the agent's unix socket when it is in this domain and the socket is here:
   # hide the socket (the agent keeps listening on it) so the lookup has to go by vchan.
   mv $SOCK $SOCK.hidden
-  ddstor_flow sr-lookup $REG --xen "$SERVE_XEN" --sr "$LAST_SR"
+  ddstor_flow sr-lookup $REG --xen "$SERVE_XEN" --connect-timeout 60 --sr "$LAST_SR"
   mv $SOCK.hidden $SOCK
   # Small calls (Query.query, one in flight) over the vchan on real grants, against a second
   # agent on the sim backend (files + datagram sockets in tmpfs) in the same boot.
