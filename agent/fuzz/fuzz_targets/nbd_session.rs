@@ -49,7 +49,7 @@ fuzz_target!(|data: &[u8]| {
         let res = tokio::time::timeout(Duration::from_secs(20), srv)
             .await
             .expect("the server did not end the connection after the client's EOF");
-        res.expect("the connection task panicked");
+        let _ = res.expect("the connection task panicked");
         let _ = drain.await;
     });
 });
