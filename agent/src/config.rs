@@ -61,6 +61,20 @@ socket = ""
 # authentication); empty = no TCP. Flag: --nbd-tcp.
 tcp = ""
 
+[gc]
+# Background garbage collection and coalescing of every attached SR's VHD chains.
+enabled = true
+# Seconds between rounds (a round also starts after VDI.compose, and on SR.gc).
+interval_secs = 30
+# Highest copy rate of background merges, bytes per second (0 = unlimited), so GC does not
+# starve guest I/O. The final switch of a leaf merge is never rate-limited (it runs paused).
+rate_limit = 67108864
+# Merge VDI leaves into their single-child hidden parents while attached (short export pause).
+leaf_merge = true
+# Leaves holding more than this many bytes are frozen first, so the pause covers only what
+# the guest writes during the merge.
+freeze_above = 4194304
+
 [rpc]
 # Largest frame (bytes) accepted or sent on a connection.
 max_frame = 16777216
@@ -165,6 +179,48 @@ pub struct NbdConfig {
     pub tcp: String,
 }
 
+/// `[gc]`: the background GC (see `differencing::online`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GcConfig {
+    /// Run the background GC.
+    pub enabled: bool,
+    /// Seconds between rounds.
+    pub interval_secs: u64,
+    /// Bytes per second of background merges (0 = unlimited).
+    pub rate_limit: u64,
+    /// Merge leaves into their single-child parents online.
+    pub leaf_merge: bool,
+    /// Leaves above this many bytes are frozen before merging.
+    pub freeze_above: u64,
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        GcConfig {
+            enabled: true,
+            interval_secs: 30,
+            rate_limit: 64 << 20,
+            leaf_merge: true,
+            freeze_above: 4 << 20,
+        }
+    }
+}
+
+impl GcConfig {
+    /// The options of a GC round.
+    pub fn online_options(&self) -> crate::differencing::online::OnlineOptions {
+        crate::differencing::online::OnlineOptions {
+            gc: crate::differencing::gc::GcOptions {
+                rate_limit: (self.rate_limit > 0).then_some(self.rate_limit),
+                ..Default::default()
+            },
+            leaf_merge: self.leaf_merge,
+            freeze_above: self.freeze_above,
+        }
+    }
+}
+
 /// `[rpc]`: connection limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -210,6 +266,8 @@ pub struct AgentConfig {
     pub rpc: RpcConfig,
     /// NBD datapath listeners.
     pub nbd: NbdConfig,
+    /// Background GC.
+    pub gc: GcConfig,
 }
 
 impl Default for AgentConfig {
@@ -226,6 +284,7 @@ impl Default for AgentConfig {
             xenstore: XenstoreConfig::default(),
             rpc: RpcConfig::default(),
             nbd: NbdConfig::default(),
+            gc: GcConfig::default(),
         }
     }
 }

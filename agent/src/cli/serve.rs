@@ -239,6 +239,16 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
     let dps = start_datapaths(&cfg).await?;
     storage.set_datapath_hooks(dps.clone());
     let storage = Arc::new(storage);
+    crate::differencing::online::set_defaults(cfg.gc.online_options());
+    if cfg.gc.enabled {
+        crate::differencing::online::spawn_background(
+            storage.clone(),
+            crate::differencing::online::BackgroundGc {
+                interval: Duration::from_secs(cfg.gc.interval_secs.max(1)),
+                options: storage.gc_options(),
+            },
+        );
+    }
     let server = Server::new(
         Arc::new(EngineService::with_datapaths(storage, dps)),
         cfg.rpc.max_frame,

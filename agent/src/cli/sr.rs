@@ -18,7 +18,8 @@ pub struct SrArgs {
 
 #[derive(Debug, Subcommand)]
 enum SrCommand {
-    /// Garbage-collect and coalesce an SR's chains offline (the SR's directory; not attached).
+    /// Garbage-collect and coalesce an SR's chains: an attached SR's uuid (the agent does it,
+    /// online) or an SR's directory (offline).
     Gc(super::gc::GcArgs),
     /// Create an SR (SR.create); prints its uuid. Attach it with `ddstor sr attach UUID`.
     Create {
@@ -123,7 +124,7 @@ pub fn print_vdi_table(vdis: &[VdiInfo]) {
 /// Runs `ddstor sr`.
 pub fn run(a: SrArgs) -> anyhow::Result<()> {
     if let SrCommand::Gc(g) = &a.command {
-        return super::gc::run(g);
+        return super::gc::run(g, &a.connect);
     }
     let rt = runtime()?;
     let target = a.connect.describe();

@@ -124,10 +124,21 @@ enum Work {
 /// Picks the next piece of work under the chain lock, only while no engine operation is
 /// journaled (in flight).
 fn next_work(sr: &Sr) -> Result<Option<Work>> {
-    let mut ix = lock(&sr.chain);
-    if !sr.meta.journal_pending()?.is_empty() {
-        return Ok(None);
-    }
+    // Under a storm of snapshots and destroys a journal is pending most of the time: wait for
+    // a gap (up to about a second) rather than give up, or chains outgrow the GC.
+    let mut tries = 0;
+    let mut ix = loop {
+        let ix = lock(&sr.chain);
+        if sr.meta.journal_pending()?.is_empty() {
+            break ix;
+        }
+        drop(ix);
+        tries += 1;
+        if tries > 50 {
+            return Ok(None);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     let mut probe = ix.clone();
     let garbage = probe.all_garbage();
     if !garbage.is_empty() {
@@ -207,6 +218,17 @@ pub(crate) fn merge(
         let cuuid = vhd::Disk::open(&cpath, false)
             .map_err(|e| vhd_err("opening the merged node", e))?
             .uuid();
+        // A VDI leaf among the children may be renamed by a concurrent snapshot (or compose,
+        // or leaf merge), all of which hold the VDI's lock: hold those locks while relinking,
+        // and list the children again under them.
+        let leaves: Vec<_> = children_on_disk(&sr.root, child)?
+            .iter()
+            .filter_map(|g| sr.vdi(g))
+            .collect();
+        let _held: Vec<_> = leaves
+            .iter()
+            .map(|v| v.op.clone().blocking_lock_owned())
+            .collect();
         for g in children_on_disk(&sr.root, child)? {
             vhd::relink(&node_file(&sr.root, &g), cuuid, &ppath)
                 .map_err(|e| vhd_err(&format!("re-pointing {g} at {parent}"), e))?;
@@ -265,6 +287,31 @@ fn resume(sr: &Sr, opts: &GcOptions, report: &mut GcReport) -> Result<()> {
     report.bytes_copied += merge(sr, p, c, opts, &mut |_, _| {})?;
     report.merged.push((p.to_string(), c.to_string()));
     Ok(())
+}
+
+/// Re-reads who is whose parent from the node files (the truth) into the SR's chain index, if
+/// no journaled operation is in flight; logs any divergence found. Returns whether it differed.
+pub fn resync_index(sr: &Sr) -> Result<bool> {
+    let mut fresh = crate::differencing::ChainIndex::default();
+    for n in list_nodes(&sr.root)? {
+        match VhdFormat.inspect(&node_file(&sr.root, &n)) {
+            Ok(i) => fresh.insert(&n, i.parent, i.hidden),
+            Err(_) => return Ok(false), // being written or unreadable: leave the index alone
+        }
+    }
+    let mut ix = lock(&sr.chain);
+    if !sr.meta.journal_pending()?.is_empty() {
+        return Ok(false);
+    }
+    let differs = *ix != fresh;
+    if differs {
+        tracing::warn!(
+            sr = sr.uuid,
+            "chain index differed from the node files; re-read"
+        );
+        *ix = fresh;
+    }
+    Ok(differs)
 }
 
 /// Collects garbage and merges single-child hidden bases of `sr` until none is left.

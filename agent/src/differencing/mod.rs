@@ -97,7 +97,7 @@ pub fn list_nodes(root: &Path) -> Result<Vec<String>> {
 }
 
 /// Who is whose parent, and which nodes are hidden bases, for one SR.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ChainIndex {
     parent: BTreeMap<String, Option<String>>,
     hidden: BTreeSet<String>,

@@ -379,11 +379,18 @@ async fn leaf_merge(
         })
         .await?;
     }
+    // After a failed step, recover in-line (the journal says what to do) — unless the step
+    // "crashed" (an in-process failpoint panicked): then, as after a real crash, the next
+    // SR.attach recovers.
     let fail = |e: Error| {
         let s = s.clone();
         async move {
-            let s2 = s.clone();
-            let _ = super::compose::blocking(move || recover(&s2)).await;
+            if !matches!(&e, Error::InternalError(m) if m.contains("aborted")) {
+                let s2 = s.clone();
+                if let Err(r) = super::compose::blocking(move || recover(&s2)).await {
+                    tracing::error!(sr = s.uuid, error = %r, "could not recover a failed leaf merge; the next SR.attach will");
+                }
+            }
             e
         }
     };
@@ -395,13 +402,24 @@ async fn leaf_merge(
             super::compose::blocking(move || recover(&s2)).await?;
             return Ok(None);
         }
+        let t = Instant::now();
         st.hooks().before_leaf_change(&sr, vdi).await?;
+        let paused = t.elapsed();
         let (s2, v2, f2, fp2) = (s.clone(), vdi.to_string(), fz.clone(), fp.clone());
         let r = super::compose::blocking(move || freeze_files(&s2, &v2, &f2, &fp2)).await;
+        let frozen_at = t.elapsed();
         let resumed = st
             .hooks()
             .after_leaf_change(&sr, vdi, s.leaf_path(vdi))
             .await;
+        tracing::info!(
+            sr,
+            vdi,
+            pause_wait_ms = paused.as_millis() as u64,
+            freeze_ms = (frozen_at - paused).as_millis() as u64,
+            total_ms = t.elapsed().as_millis() as u64,
+            "gc: leaf frozen (export paused around it)"
+        );
         if let Err(e) = r {
             let e = fail(e).await;
             refresh_index(s, &[vdi, fz, parent]);
@@ -494,6 +512,7 @@ pub async fn gc_round(st: &Storage, sr: &str, opts: &OnlineOptions) -> Result<Gc
     let res = async {
         let (s2, o2, sr2) = (s.clone(), opts.gc.clone(), s.uuid.clone());
         let mut report = super::compose::blocking(move || {
+            gc::resync_index(&s2)?;
             gc::run(&s2, &o2, &mut |p| {
                 update(&sr2, |g| {
                     g.bytes_done = p.merge_bytes_done;
@@ -585,3 +604,6 @@ impl Storage {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
