@@ -348,6 +348,9 @@ fn compose_files(sr: &Sr, parent: &str, child: &str, fp: &Failpoints) -> Result<
     };
     let bytes = serde_json::to_vec_pretty(&j)
         .map_err(|e| Error::InternalError(format!("serialising the compose journal: {e}")))?;
+    // Make any lazily removed snapshot journal entry's removal durable first, so recovery can
+    // never replay a finished snapshot over the nodes this compose changes (MetaStore::settle).
+    sr.meta.settle()?;
     write_atomic(sr.meta.dir(), JOURNAL, &bytes, fp)?;
     fp.hit("compose.journal_written");
     let leaf = node_file(&sr.root, parent);

@@ -196,6 +196,8 @@ pub(crate) fn merge(
 ) -> Result<u64> {
     let fp = &opts.failpoints;
     let journal = merge_journal(sr);
+    // Settle lazily removed journal entries first (see MetaStore::settle).
+    sr.meta.settle()?;
     crate::core::meta::write_atomic(
         sr.meta.dir(),
         "gc-merge",

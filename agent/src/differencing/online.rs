@@ -176,6 +176,8 @@ struct LeafJournal {
 fn write_journal(sr: &Sr, j: &LeafJournal, fp: &Failpoints) -> Result<()> {
     let b = serde_json::to_vec_pretty(j)
         .map_err(|e| Error::InternalError(format!("serialising the leaf-merge journal: {e}")))?;
+    // Settle lazily removed journal entries first (see MetaStore::settle).
+    sr.meta.settle()?;
     write_atomic(sr.meta.dir(), JOURNAL, &b, fp)
 }
 
