@@ -221,12 +221,27 @@ pub(crate) fn merge(
             .map_err(|e| vhd_err("opening the merged node", e))?
             .uuid();
         // A VDI leaf among the children may be renamed by a concurrent snapshot (or compose,
-        // or leaf merge), all of which hold the VDI's lock: hold those locks while relinking,
-        // and list the children again under them.
-        let leaves: Vec<_> = children_on_disk(&sr.root, child)?
-            .iter()
-            .filter_map(|g| sr.vdi(g))
-            .collect();
+        // or leaf merge), and any VDI whose chain runs through a relinked node may have its
+        // chain opened (snapshot, attach) while `relink` rewrites that node's parent uuid and
+        // locators, which is not one atomic write: all of those hold the VDI's lock. So hold
+        // the locks of every VDI below `child` while relinking (in uuid order, so two GC runs
+        // cannot deadlock), and list the children again under them.
+        let mut below = children_on_disk(&sr.root, child)?;
+        {
+            let ix = lock(&sr.chain);
+            let mut stack = below.clone();
+            while let Some(n) = stack.pop() {
+                for c in ix.children_of(&n) {
+                    if !below.contains(&c) {
+                        below.push(c.clone());
+                        stack.push(c);
+                    }
+                }
+            }
+        }
+        below.sort();
+        below.dedup();
+        let leaves: Vec<_> = below.iter().filter_map(|g| sr.vdi(g)).collect();
         let _held: Vec<_> = leaves
             .iter()
             .map(|v| v.op.clone().blocking_lock_owned())
@@ -338,6 +353,19 @@ pub fn run(sr: &Sr, opts: &GcOptions, progress: &mut dyn FnMut(GcProgress)) -> R
             match w {
                 Work::Remove(names) => {
                     for n in names {
+                        // The index can lag the files (a concurrent snapshot renames leaves):
+                        // the files are the truth, so never delete a node one still names.
+                        let users = children_on_disk(&sr.root, &n)?;
+                        if !users.is_empty() {
+                            tracing::warn!(
+                                sr = sr.uuid,
+                                node = n,
+                                children = ?users,
+                                "gc: the index said this base had no child, the files disagree; kept"
+                            );
+                            resync_index(sr)?;
+                            continue;
+                        }
                         tracing::info!(
                             sr = sr.uuid,
                             node = n,
