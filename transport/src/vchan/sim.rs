@@ -6,8 +6,10 @@
 //! C shim that runs Debian's libxenvchan) can share one `$DIR`.
 //!
 //! Death notification (what Xen's unmap notification gives a real vchan when the mapping
-//! process dies): the owner of shared grants listens on `$DIR/g<first ref>.live` (a unix stream
-//! socket, one watcher thread); a process mapping them with an unmap notification connects and
+//! process dies): the owner of shared grants listens on an abstract unix stream socket named
+//! after `$DIR` and the first grant reference ([`SimXen::live_addr`]; abstract, so nothing is
+//! left in `$DIR` whichever side dies), one watcher thread; a process mapping them with an
+//! unmap notification connects and
 //! sends `{offset, port to notify}` (two native u32s). A clean release sends `R` first (the
 //! mapping's own notification has already fired). A connection that ends without it means the
 //! mapper died: the watcher clears the byte at `offset` in the page and sends `MSG_NOTIFY` to
@@ -21,7 +23,7 @@ use std::fs::OpenOptions;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
+use std::os::unix::net::{SocketAddr, UnixDatagram, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{fence, AtomicU32, Ordering};
@@ -86,9 +88,14 @@ impl SimXen {
         self.dir.join(format!("g{}", r.0))
     }
 
-    /// Path of the death-watch socket of the grants whose first reference is `r`.
-    pub fn live_path(&self, r: GrantRef) -> PathBuf {
-        self.dir.join(format!("g{}.live", r.0))
+    /// The abstract unix socket address of the death watch of the grants whose first
+    /// reference is `r`: named by the sim directory's device and inode (a long path would not
+    /// fit a socket address) and `r`.
+    pub fn live_addr(&self, r: GrantRef) -> std::io::Result<SocketAddr> {
+        use std::os::linux::net::SocketAddrExt;
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(&self.dir)?;
+        SocketAddr::from_abstract_name(format!("ddstor-sim-{:x}-{:x}-g{}", m.dev(), m.ino(), r.0))
     }
 
     /// Path of port `p`.
@@ -250,8 +257,7 @@ impl SimXen {
                 // A clean release: the mapping's own notification has fired (or was disarmed).
                 let _ = c.write_all(&[MSG_RELEASED]);
             }
-            if let Some((l, path)) = watcher {
-                let _ = std::fs::remove_file(path);
+            if let Some(l) = watcher {
                 // SAFETY: shutting down a socket this closure owns; wakes the blocked accept.
                 unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
             }
@@ -271,15 +277,16 @@ impl SimXen {
         Ok(unsafe { Mapping::new(ptr, len, notify, Some(release)) })
     }
 
-    /// Owner side of the death notification: listens on [`SimXen::live_path`] and, for each
+    /// Owner side of the death notification: listens on [`SimXen::live_addr`] and, for each
     /// mapper that registers, waits (on a thread) for its release or its death.
-    fn watch_mappers(&self, first: GrantRef) -> Option<(Arc<UnixListener>, PathBuf)> {
-        let path = self.live_path(first);
-        let _ = std::fs::remove_file(&path);
-        let l = match UnixListener::bind(&path) {
+    fn watch_mappers(&self, first: GrantRef) -> Option<Arc<UnixListener>> {
+        let l = match self
+            .live_addr(first)
+            .and_then(|a| UnixListener::bind_addr(&a))
+        {
             Ok(l) => Arc::new(l),
             Err(e) => {
-                tracing::debug!(path = %path.display(), error = %e, "sim: no death watch");
+                tracing::debug!(grant = %first, error = %e, "sim: no death watch");
                 return None;
             }
         };
@@ -296,10 +303,9 @@ impl SimXen {
                 }
             });
         match spawned {
-            Ok(_) => Some((l, path)),
+            Ok(_) => Some(l),
             Err(e) => {
                 tracing::debug!(error = %e, "sim: no death watch thread");
-                let _ = std::fs::remove_file(&path);
                 None
             }
         }
@@ -340,7 +346,7 @@ impl SimXen {
     fn register_mapper(&self, first: GrantRef, n: &UnmapNotify) -> Option<UnixStream> {
         let local = n.event.local_port().0;
         let peer = *peers().as_ref()?.get(&(self.dir.clone(), local))?;
-        let mut c = UnixStream::connect(self.live_path(first)).ok()?;
+        let mut c = UnixStream::connect_addr(&self.live_addr(first).ok()?).ok()?;
         let mut reg = [0u8; 8];
         reg[..4].copy_from_slice(&u32::try_from(n.offset).ok()?.to_ne_bytes());
         reg[4..].copy_from_slice(&peer.to_ne_bytes());
@@ -580,8 +586,9 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let sim = SimXen::new(tmp.path()).unwrap();
         let (refs, owner) = sim.share(DomId(1), 1, None).unwrap();
+        let watch = sim.live_addr(refs[0]).unwrap();
         assert!(
-            sim.live_path(refs[0]).exists(),
+            UnixStream::connect_addr(&watch).is_ok(),
             "the owner watches its grants"
         );
         let srv = sim.bind_unbound_port().unwrap();
@@ -609,7 +616,7 @@ mod tests {
         // A mapper whose registration ends without the release byte (its process died, so
         // its mapping's drop never ran): the owner clears the byte and notifies for it.
         owner.u8_at(20).store(1, Ordering::SeqCst);
-        let mut c = UnixStream::connect(sim.live_path(refs[0])).unwrap();
+        let mut c = UnixStream::connect_addr(&watch).unwrap();
         let mut reg = 20u32.to_ne_bytes().to_vec();
         reg.extend_from_slice(&srv.local_port().0.to_ne_bytes());
         c.write_all(&reg).unwrap();
@@ -622,10 +629,10 @@ mod tests {
         );
 
         drop((owner, srv, cli));
-        assert_eq!(
-            std::fs::read_dir(tmp.path()).unwrap().count(),
-            0,
-            "the watch socket goes with the grants"
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+        assert!(
+            UnixStream::connect_addr(&watch).is_err(),
+            "the watch ends with the grants"
         );
     }
 
