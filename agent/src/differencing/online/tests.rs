@@ -3,7 +3,8 @@
 //! step recovered at attach.
 
 use super::*;
-use crate::core::{StorageConfig, VdiCreate, VdiDerive};
+use crate::core::fixtures;
+use crate::core::VdiDerive;
 use crate::datapath::manager::Op;
 use crate::datapath::Datapaths;
 use std::collections::BTreeMap;
@@ -13,11 +14,7 @@ const SR: &str = "11111111-2222-3333-4444-777777777777";
 const SIZE: u64 = 8 << 20;
 
 fn engine(dir: &Path) -> Storage {
-    Storage::new(StorageConfig {
-        data_dir: dir.to_path_buf(),
-        sr_roots: vec![],
-        failpoints: Failpoints::none(),
-    })
+    fixtures::engine_vhd(dir, Failpoints::none())
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -48,21 +45,8 @@ fn write(root: &Path, vdi: &str, off: u64, data: &[u8]) {
 }
 
 async fn new_vdi(st: &Storage) -> String {
-    st.sr_create(SR, "sr", "", &BTreeMap::new()).await.ok();
-    st.sr_attach(SR, &BTreeMap::new()).await.unwrap();
-    st.vdi_create(
-        SR,
-        VdiCreate {
-            name_label: "d".into(),
-            virtual_size: SIZE as i64,
-            persistent: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap()
-    .record
-    .uuid
+    fixtures::create_sr(st, SR).await;
+    fixtures::new_vdi(st, SR, SIZE).await
 }
 
 fn opts(freeze_above: u64) -> OnlineOptions {
