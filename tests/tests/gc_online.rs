@@ -203,8 +203,6 @@ fn chain_len(a: &Agent, vdi: &str) -> usize {
 }
 
 #[test]
-#[ignore = "flaky (issue 7): background GC raced concurrent snapshots (see ARCHITECTURE.md) and can \
-            fall behind to depth 30 on a loaded machine; run with --run-ignored only"]
 fn gc_under_load_keeps_chains_short_through_200_snapshots_and_no_request_fails() {
     let t0 = Instant::now();
     let dir = tempfile::tempdir().unwrap();

@@ -71,7 +71,14 @@ fn gc(sr_dir: &Path) -> Value {
 fn sr_gc_collapses_snapshot_churn_and_every_vdi_reads_as_before_in_libvhdi() {
     require_tool("vhdimount", "libvhdi-utils");
     let root = tempfile::tempdir().unwrap();
-    let mut a = Agent::start(root.path(), &AgentOptions::default());
+    // No background GC: this test measures the chain the snapshots leave, then GC offline.
+    let mut a = Agent::start(
+        root.path(),
+        &AgentOptions {
+            args: vec!["--gc".into(), "off".into()],
+            ..Default::default()
+        },
+    );
     let sr = new_uuid();
     let sr_dir = PathBuf::from(
         a.ok("SR.create", json!({"sr": sr}))["path"]
