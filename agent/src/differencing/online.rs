@@ -297,13 +297,22 @@ pub fn recover(sr: &Sr) -> Result<Option<String>> {
     )))
 }
 
-/// The VDI leaves whose parent is a hidden base with them as only child.
+/// Whether VDI `vdi` has an epoch layer (`.<vdi>.epoch.vhd`, a non-persistent disk during an
+/// epoch): a child of the leaf that the index does not list, live or left on disk while the
+/// VDI is detached within the epoch. Such a leaf is never merged: a freeze or a switch gives
+/// the leaf a new identity, and the layer would then name a parent that no longer exists.
+/// Hidden merges below it are fine (the leaf keeps its uuid and name).
+fn has_epoch_layer(sr: &Sr, vdi: &str) -> bool {
+    crate::datapath::manager::overlay_path(&node_file(&sr.root, vdi), vdi).exists()
+}
+
+/// The VDI leaves whose parent is a hidden base with them as only child (and no epoch layer).
 fn leaf_candidates(sr: &Sr) -> Vec<(String, String)> {
     let ix = lock(&sr.chain).clone();
     let mut out = Vec::new();
     for v in sr.all_vdis() {
         let u = v.record().uuid;
-        if ix.is_hidden(&u) {
+        if ix.is_hidden(&u) || has_epoch_layer(sr, &u) {
             continue;
         }
         let Some(p) = ix.parent_of(&u) else { continue };
@@ -316,6 +325,9 @@ fn leaf_candidates(sr: &Sr) -> Vec<(String, String)> {
 }
 
 fn still_candidate(sr: &Sr, vdi: &str, parent: &str) -> bool {
+    if has_epoch_layer(sr, vdi) {
+        return false;
+    }
     let ix = lock(&sr.chain);
     ix.parent_of(vdi) == Some(parent)
         && ix.is_hidden(parent)

@@ -3,7 +3,8 @@
 //! written throughout (as the datapath does) never sees a wrong byte.
 
 use super::*;
-use crate::core::{Storage, StorageConfig, VdiCreate, VdiDerive};
+use crate::core::fixtures;
+use crate::core::{Storage, VdiDerive};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
@@ -11,16 +12,11 @@ const SR: &str = "11111111-2222-3333-4444-555555555555";
 const SIZE: u64 = 6 << 20;
 
 fn engine(dir: &Path) -> Storage {
-    Storage::new(StorageConfig {
-        data_dir: dir.to_path_buf(),
-        sr_roots: vec![],
-        failpoints: Failpoints::none(),
-    })
+    fixtures::engine_vhd(dir, Failpoints::none())
 }
 
 async fn new_sr(st: &Storage) {
-    st.sr_create(SR, "sr", "", &BTreeMap::new()).await.unwrap();
-    st.sr_attach(SR, &BTreeMap::new()).await.unwrap();
+    fixtures::create_sr(st, SR).await;
 }
 
 fn open(root: &Path, vdi: &str, writable: bool) -> vhd::Chain {
@@ -52,20 +48,7 @@ async fn churn(
     n: usize,
     keep: &[usize],
 ) -> (String, BTreeMap<String, Vec<u8>>) {
-    let v = st
-        .vdi_create(
-            SR,
-            VdiCreate {
-                name_label: "disk".into(),
-                virtual_size: SIZE as i64,
-                persistent: true,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap()
-        .record
-        .uuid;
+    let v = fixtures::new_vdi(st, SR, SIZE).await;
     let mut expect = BTreeMap::new();
     for i in 0..n {
         let c = open(root, &v, true);
@@ -263,16 +246,11 @@ async fn a_gc_index_resync_in_the_middle_of_a_snapshot_keeps_its_journal_entry_a
             lock(&resume_rx).recv().unwrap();
         }
     }));
-    let st = crate::core::fixtures::engine_with(dir.path(), fp, Arc::new(VhdFormat));
+    let st = fixtures::engine_vhd(dir.path(), fp);
     new_sr(&st).await;
     let root = dir.path().join(SR);
     // v ← its first snapshot's base B1 (hidden), that snapshot destroyed.
-    let v = st
-        .vdi_create(SR, crate::core::fixtures::create_params(SIZE as i64))
-        .await
-        .unwrap()
-        .record
-        .uuid;
+    let v = fixtures::new_vdi(&st, SR, SIZE).await;
     let s1 = st
         .vdi_snapshot(SR, &v, VdiDerive::default(), false)
         .await
