@@ -879,6 +879,32 @@ mod tests {
         v.record.uuid
     }
 
+    /// Attaches `vdi` read-write on `dp`, activates it, and connects an NBD client to it.
+    async fn activate_and_connect(
+        env: &Env,
+        st: &Storage,
+        dps: &Datapaths,
+        vdi: &str,
+        dp: &str,
+    ) -> UnixStream {
+        dps.attach(st, SR, vdi, dp, true).await.unwrap();
+        dps.transition(st, SR, vdi, dp, Op::Activate).await.unwrap();
+        nbd_connect(&env.sock, &export_name(SR, vdi)).await
+    }
+
+    /// Writes `data` at `offset` through `c`; the write must succeed.
+    async fn write_ok(c: &mut UnixStream, offset: u64, data: &[u8]) {
+        let r = nbd_io(c, proto::CMD_WRITE, offset, data, data.len() as u32).await;
+        assert_eq!(r.0, 0, "write of {} bytes at {offset}", data.len());
+    }
+
+    /// Deactivates and detaches `dp` of `vdi`.
+    async fn deactivate_and_detach(st: &Storage, dps: &Datapaths, vdi: &str, dp: &str) {
+        for op in [Op::Deactivate, Op::Detach] {
+            dps.transition(st, SR, vdi, dp, op).await.unwrap();
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn attach_pauses_io_until_activate_and_deactivate_flushes_to_the_file() {
         let env = Env::new();
@@ -1024,17 +1050,8 @@ mod tests {
         {
             let (st, dps) = env.start().await;
             vdi = new_vdi(&st).await;
-            dps.attach(&st, SR, &vdi, "dp", true).await.unwrap();
-            dps.transition(&st, SR, &vdi, "dp", Op::Activate)
-                .await
-                .unwrap();
-            let mut c = nbd_connect(&env.sock, &export_name(SR, &vdi)).await;
-            assert_eq!(
-                nbd_io(&mut c, proto::CMD_WRITE, 0, &[7; 4096], 4096)
-                    .await
-                    .0,
-                0
-            );
+            let mut c = activate_and_connect(&env, &st, &dps, &vdi, "dp").await;
+            write_ok(&mut c, 0, &[7; 4096]).await;
             assert_eq!(nbd_io(&mut c, proto::CMD_FLUSH, 0, &[], 0).await.0, 0);
             st.sr_detach(SR).await.unwrap();
             assert!(dps.exports().names().is_empty(), "SR.detach left exports");
@@ -1049,12 +1066,7 @@ mod tests {
             nbd_io(&mut c, proto::CMD_READ, 0, &[], 4096).await,
             (0, vec![7; 4096])
         );
-        dps.transition(&st, SR, &vdi, "dp", Op::Deactivate)
-            .await
-            .unwrap();
-        dps.transition(&st, SR, &vdi, "dp", Op::Detach)
-            .await
-            .unwrap();
+        deactivate_and_detach(&st, &dps, &vdi, "dp").await;
         assert!(st.vdi_destroy(SR, &vdi).await.is_ok());
     }
 
@@ -1063,17 +1075,8 @@ mod tests {
         let env = Env::new();
         let (st, dps) = env.start().await;
         let vdi = new_vdi(&st).await;
-        dps.attach(&st, SR, &vdi, "dp", true).await.unwrap();
-        dps.transition(&st, SR, &vdi, "dp", Op::Activate)
-            .await
-            .unwrap();
-        let mut c = nbd_connect(&env.sock, &export_name(SR, &vdi)).await;
-        assert_eq!(
-            nbd_io(&mut c, proto::CMD_WRITE, 0, &[1; 4096], 4096)
-                .await
-                .0,
-            0
-        );
+        let mut c = activate_and_connect(&env, &st, &dps, &vdi, "dp").await;
+        write_ok(&mut c, 0, &[1; 4096]).await;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop2 = stop.clone();
         let io = tokio::spawn(async move {
@@ -1083,12 +1086,7 @@ mod tests {
                     nbd_io(&mut c, proto::CMD_READ, 0, &[], 4096).await,
                     (0, vec![1; 4096])
                 );
-                assert_eq!(
-                    nbd_io(&mut c, proto::CMD_WRITE, 8192, &[2; 4096], 4096)
-                        .await
-                        .0,
-                    0
-                );
+                write_ok(&mut c, 8192, &[2; 4096]).await;
                 n += 1;
             }
             (c, n)
@@ -1105,12 +1103,7 @@ mod tests {
         let (mut c, n) = io.await.unwrap();
         assert!(n > 0);
         // After the switch, writes go to the VDI's new leaf, not into the snapshot.
-        assert_eq!(
-            nbd_io(&mut c, proto::CMD_WRITE, 0, &[3; 4096], 4096)
-                .await
-                .0,
-            0
-        );
+        write_ok(&mut c, 0, &[3; 4096]).await;
         assert_eq!(nbd_io(&mut c, proto::CMD_FLUSH, 0, &[], 0).await.0, 0);
         let (sleaf, _) = st.vdi_chain(SR, &snap.record.uuid).await.unwrap();
         let ch =
@@ -1130,17 +1123,8 @@ mod tests {
         let env = Env::new();
         let (st, dps) = env.start().await;
         let vdi = new_vdi(&st).await;
-        dps.attach(&st, SR, &vdi, "dp", true).await.unwrap();
-        dps.transition(&st, SR, &vdi, "dp", Op::Activate)
-            .await
-            .unwrap();
-        let mut c = nbd_connect(&env.sock, &export_name(SR, &vdi)).await;
-        assert_eq!(
-            nbd_io(&mut c, proto::CMD_WRITE, 0, &[5; 4096], 4096)
-                .await
-                .0,
-            0
-        );
+        let mut c = activate_and_connect(&env, &st, &dps, &vdi, "dp").await;
+        write_ok(&mut c, 0, &[5; 4096]).await;
         st.vdi_set_persistent(SR, &vdi, false).await.unwrap();
         // Epoch begins while the datapath is live: the export switches to a fresh layer.
         st.vdi_epoch_begin(SR, &vdi, "vm1", false).await.unwrap();
@@ -1151,12 +1135,7 @@ mod tests {
             nbd_io(&mut c, proto::CMD_READ, 0, &[], 4096).await,
             (0, vec![5; 4096])
         );
-        assert_eq!(
-            nbd_io(&mut c, proto::CMD_WRITE, 0, &[6; 4096], 4096)
-                .await
-                .0,
-            0
-        );
+        write_ok(&mut c, 0, &[6; 4096]).await;
         assert_eq!(
             nbd_io(&mut c, proto::CMD_READ, 0, &[], 4096).await,
             (0, vec![6; 4096])
@@ -1169,36 +1148,17 @@ mod tests {
             (0, vec![5; 4096])
         );
         st.vdi_epoch_begin(SR, &vdi, "vm1", false).await.unwrap();
-        assert_eq!(
-            nbd_io(&mut c, proto::CMD_WRITE, 8192, &[7; 512], 512)
-                .await
-                .0,
-            0
-        );
+        write_ok(&mut c, 8192, &[7; 512]).await;
         drop(c);
         // Detached and re-attached within the epoch: the epoch's writes are still there.
-        dps.transition(&st, SR, &vdi, "dp", Op::Deactivate)
-            .await
-            .unwrap();
-        dps.transition(&st, SR, &vdi, "dp", Op::Detach)
-            .await
-            .unwrap();
-        dps.attach(&st, SR, &vdi, "dp", true).await.unwrap();
-        dps.transition(&st, SR, &vdi, "dp", Op::Activate)
-            .await
-            .unwrap();
-        let mut c = nbd_connect(&env.sock, &export_name(SR, &vdi)).await;
+        deactivate_and_detach(&st, &dps, &vdi, "dp").await;
+        let mut c = activate_and_connect(&env, &st, &dps, &vdi, "dp").await;
         assert_eq!(
             nbd_io(&mut c, proto::CMD_READ, 8192, &[], 512).await,
             (0, vec![7; 512])
         );
         drop(c);
-        dps.transition(&st, SR, &vdi, "dp", Op::Deactivate)
-            .await
-            .unwrap();
-        dps.transition(&st, SR, &vdi, "dp", Op::Detach)
-            .await
-            .unwrap();
+        deactivate_and_detach(&st, &dps, &vdi, "dp").await;
         st.vdi_epoch_end(SR, &vdi, "vm1").await.unwrap();
         assert!(!ov.exists());
         // The leaf itself never saw the epochs' writes.
@@ -1217,17 +1177,8 @@ mod tests {
         let vdi = new_vdi(&st).await;
         st.vdi_set_persistent(SR, &vdi, false).await.unwrap();
         st.vdi_epoch_begin(SR, &vdi, "vm1", false).await.unwrap();
-        dps.attach(&st, SR, &vdi, "dp", true).await.unwrap();
-        dps.transition(&st, SR, &vdi, "dp", Op::Activate)
-            .await
-            .unwrap();
-        let mut c = nbd_connect(&env.sock, &export_name(SR, &vdi)).await;
-        assert_eq!(
-            nbd_io(&mut c, proto::CMD_WRITE, 0, &[9; 4096], 4096)
-                .await
-                .0,
-            0
-        );
+        let mut c = activate_and_connect(&env, &st, &dps, &vdi, "dp").await;
+        write_ok(&mut c, 0, &[9; 4096]).await;
         let snap = st
             .vdi_snapshot(SR, &vdi, VdiDerive::default(), false)
             .await
