@@ -535,6 +535,56 @@ impl Datapaths {
         Ok(())
     }
 
+    /// Before `VDI.destroy`: deactivates (flushing) and detaches every datapath of `vdi`, each
+    /// with a warning (at the storage layer a datapath left on a destroyed VDI is a leaked
+    /// one: xapi refuses to destroy an in-use VDI at its own layer), clears dp states the
+    /// record still lists, and deletes the layer of a non-persistent epoch.
+    pub async fn teardown_vdi(&self, st: &Storage, sr: &str, vdi: &str) -> Result<()> {
+        let held: Vec<String> = {
+            let entry = self.entry(sr, vdi);
+            let g = entry.lock().await;
+            g.dps.keys().cloned().collect()
+        };
+        for dp in &held {
+            tracing::warn!(
+                sr,
+                vdi,
+                dp,
+                "VDI.destroy of a VDI with a datapath: deactivating (flush) and detaching it"
+            );
+            for op in [Op::Deactivate, Op::Detach] {
+                self.transition(st, sr, vdi, dp, op).await?;
+            }
+        }
+        let rec = st.vdi_stat(sr, vdi).await?.record;
+        if !rec.datapaths.is_empty() {
+            for dp in rec.datapaths.keys() {
+                tracing::warn!(
+                    sr,
+                    vdi,
+                    dp,
+                    "VDI.destroy: forgetting a recorded datapath that has no export"
+                );
+            }
+            st.vdi_set_datapaths(sr, vdi, |m| m.clear()).await?;
+        }
+        match st.vdi_chain(sr, vdi).await {
+            Ok((leaf, _)) => {
+                let ov = overlay_path(&leaf, vdi);
+                if ov.exists() {
+                    tracing::info!(sr, vdi, layer = %ov.display(), "VDI.destroy: deleting the epoch layer");
+                    remove_overlay(&ov)?;
+                }
+            }
+            Err(e) => tracing::debug!(sr, vdi, error = %e, "no chain to look for an epoch layer"),
+        }
+        self.vdis
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(sr.to_string(), vdi.to_string()));
+        Ok(())
+    }
+
     /// Tears down every datapath of `sr` (before `SR.detach`).
     pub async fn teardown_sr(&self, sr: &str) -> Result<()> {
         let keys: Vec<Key> = self
@@ -751,6 +801,15 @@ impl DatapathHooks for Datapaths {
         vdi: &'a str,
     ) -> HookFuture<'a> {
         Box::pin(self.sync_epoch(storage, sr, vdi))
+    }
+
+    fn before_vdi_destroy<'a>(
+        &'a self,
+        storage: &'a Storage,
+        sr: &'a str,
+        vdi: &'a str,
+    ) -> HookFuture<'a> {
+        Box::pin(self.teardown_vdi(storage, sr, vdi))
     }
 
     fn before_sr_detach<'a>(&'a self, sr: &'a str) -> HookFuture<'a> {
@@ -1016,8 +1075,6 @@ mod tests {
             st.handle(detach("b")).await,
             Err(StorageError::IllegalTransition { .. })
         ));
-        // Destroy is refused while attached.
-        assert!(st.vdi_destroy(SR, &vdi).await.is_err());
         let rec = st.vdi_stat(SR, &vdi).await.unwrap().record;
         assert_eq!(
             rec.datapaths.get("a").map(String::as_str),
@@ -1068,6 +1125,42 @@ mod tests {
         );
         deactivate_and_detach(&st, &dps, &vdi, "dp").await;
         assert!(st.vdi_destroy(SR, &vdi).await.is_ok());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn destroying_a_vdi_in_use_tears_down_its_datapaths_and_epoch_layer_first() {
+        let env = Env::new();
+        let (st, dps) = env.start().await;
+        let vdi = new_vdi(&st).await;
+        st.vdi_set_persistent(SR, &vdi, false).await.unwrap();
+        st.vdi_epoch_begin(SR, &vdi, "vm1", false).await.unwrap();
+        let mut c = activate_and_connect(&env, &st, &dps, &vdi, "a").await;
+        dps.attach(&st, SR, &vdi, "b", false).await.unwrap();
+        write_ok(&mut c, 0, &[4; 4096]).await;
+        let (leaf, _) = st.vdi_chain(SR, &vdi).await.unwrap();
+        let ov = overlay_path(&leaf, &vdi);
+        assert!(ov.exists());
+        st.vdi_destroy(SR, &vdi).await.unwrap();
+        assert!(dps.exports().names().is_empty(), "the export survived");
+        assert!(!dps.is_attached(SR, &vdi));
+        assert_eq!(dps.stat_vdi(SR, &vdi).await.superstate, DpState::Detached);
+        assert!(!ov.exists(), "the epoch layer survived");
+        assert!(!leaf.exists(), "the leaf survived");
+        // The client's next request fails cleanly (the connection is closed).
+        let mut h = [0u8; 16];
+        let _ = c
+            .write_all(&proto::encode_request(
+                &proto::Request {
+                    flags: 0,
+                    kind: proto::CMD_READ,
+                    cookie: 1,
+                    offset: 0,
+                    length: 512,
+                },
+                false,
+            ))
+            .await;
+        assert!(c.read_exact(&mut h).await.is_err());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
