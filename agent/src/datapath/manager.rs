@@ -10,6 +10,10 @@
 //! - RO ↔ RW: re-open the chain in the new mode behind a paused gate;
 //! - → Detached: remove the export.
 //!
+//! Where kernel nbd devices are enabled ([`KernelDevices`]), a new export is also connected to
+//! a free `/dev/nbdN` (returned as `BlockDevice` by `VDI.attach*`, for blkback), disconnected
+//! before the export is removed.
+//!
 //! The dp states are persisted in the VDI's record (`VdiRecord::datapaths`), so a restarted
 //! agent re-creates its exports ([`Datapaths::restore`]). The manager is the engine's
 //! [`DatapathHooks`]: snapshot/clone pause the export around the leaf switch and resume it on
@@ -17,6 +21,7 @@
 
 use super::chain::ChainBackend;
 use super::export::{Export, ExportOptions, Exports};
+use super::kernel::{KernelDevice, KernelDevices, KernelNbd};
 use super::server::NbdServer;
 use crate::core::datapath::{CallFuture, DatapathHooks, HookFuture};
 use crate::core::error::{backend, Result};
@@ -122,6 +127,8 @@ struct VdiDps {
     export: Option<Arc<Export>>,
     /// The export serves the epoch overlay (non-persistent disk), not the leaf.
     overlay: bool,
+    /// The kernel nbd device connected to the export, if any (for blkback).
+    kernel: Option<KernelDevice>,
 }
 
 /// A live export, readable without the per-VDI lock.
@@ -181,6 +188,8 @@ pub struct Datapaths {
     /// Live exports by VDI, readable without the per-VDI lock (hooks run under the engine's
     /// VDI lock, which transitions take after the per-VDI lock: never wait for it there).
     live: Mutex<HashMap<Key, Live>>,
+    /// Kernel nbd devices (`[nbd] kernel_devices`).
+    kernel: KernelNbd,
 }
 
 impl std::fmt::Debug for Datapaths {
@@ -201,13 +210,28 @@ fn dp_error(what: &str, e: super::Error) -> StorageError {
 }
 
 impl Datapaths {
-    /// A datapath layer whose NBD server will listen on `socket` (see [`Self::listen`]).
+    /// A datapath layer whose NBD server will listen on `socket` (see [`Self::listen`]), with
+    /// no kernel nbd devices.
     pub fn new(socket: impl Into<PathBuf>) -> Arc<Self> {
+        Self::with_kernel(socket, KernelNbd::new(KernelDevices::Off))
+    }
+
+    /// Like [`Self::new`], attaching kernel nbd devices as `kernel` says.
+    pub fn with_kernel(socket: impl Into<PathBuf>, kernel: KernelNbd) -> Arc<Self> {
+        match kernel.mode() {
+            KernelDevices::Auto if !kernel.enabled() => tracing::info!(
+                "no kernel nbd device (/dev/nbd0 missing: nbd module not loaded): \
+                 VDI.attach returns the NBD URI only, no block device for blkback"
+            ),
+            KernelDevices::Off => tracing::debug!("kernel nbd devices disabled"),
+            _ => tracing::info!("VDI.attach connects a kernel nbd device for blkback"),
+        }
         Arc::new(Datapaths {
             socket: socket.into(),
             exports: Exports::new(),
             vdis: Mutex::default(),
             live: Mutex::default(),
+            kernel,
         })
     }
 
@@ -335,13 +359,7 @@ impl Datapaths {
             return Ok(());
         }
         if to == DpState::Detached {
-            if let Some(e) = g.export.take() {
-                self.live
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&key);
-                self.exports.remove(e.name()).await;
-            }
+            self.drop_export(&key, g).await;
             return Ok(());
         }
         let rw = rw_of(to) == Some(RoRw::RW);
@@ -362,6 +380,10 @@ impl Datapaths {
                     )
                     .map_err(|e| dp_error("creating the NBD export", e))?;
                 g.export = Some(e.clone());
+                if let Err(x) = self.connect_kernel(sr, vdi, g, &e) {
+                    self.drop_export(&key, g).await;
+                    return Err(x);
+                }
                 e
             }
             Some(e) => {
@@ -398,6 +420,49 @@ impl Datapaths {
             },
         );
         Ok(())
+    }
+
+    /// Removes the export of `key` (and disconnects its kernel nbd device first, if any).
+    async fn drop_export(&self, key: &Key, g: &mut VdiDps) {
+        let dev = g.kernel.take();
+        if let Some(d) = &dev {
+            d.request_disconnect();
+        }
+        if let Some(e) = g.export.take() {
+            self.live
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(key);
+            self.exports.remove(e.name()).await;
+        }
+        if let Some(d) = dev {
+            self.kernel.release(d).await;
+        }
+    }
+
+    /// Connects a kernel nbd device to a new export where configured; see [`KernelDevices`].
+    fn connect_kernel(&self, sr: &str, vdi: &str, g: &mut VdiDps, e: &Arc<Export>) -> Result<()> {
+        if !self.kernel.enabled() {
+            return Ok(());
+        }
+        match self.kernel.connect(e.clone()) {
+            Ok(d) => {
+                tracing::info!(sr, vdi, device = %d.path().display(), "kernel nbd device connected");
+                g.kernel = Some(d);
+                Ok(())
+            }
+            Err(x) if self.kernel.mode() == KernelDevices::On => Err(backend(
+                interface::codes::IO_ERROR,
+                format!(
+                    "connecting a kernel nbd device for VDI {vdi} ([nbd] kernel_devices = true; \
+                     load the nbd module or set it to auto/false): {x}"
+                ),
+            )),
+            Err(x) => {
+                tracing::warn!(sr, vdi, error = %x, "no kernel nbd device connected (NBD URI only)");
+                Ok(())
+            }
+        }
     }
 
     async fn open_chain(
@@ -485,16 +550,23 @@ impl Datapaths {
     ) -> Result<BackendInfo> {
         let m = if read_write { RoRw::RW } else { RoRw::RO };
         self.transition(st, sr, vdi, dp, Op::Attach(m)).await?;
-        tracing::debug!(
-            sr,
-            vdi,
-            "no kernel nbd device is attached for blkback (NBD URI only)"
-        );
-        Ok(BackendInfo {
-            implementations: vec![Implementation::Nbd {
-                uri: self.uri(sr, vdi),
-            }],
-        })
+        let mut implementations = vec![Implementation::Nbd {
+            uri: self.uri(sr, vdi),
+        }];
+        let dev = self
+            .entry(sr, vdi)
+            .lock()
+            .await
+            .kernel
+            .as_ref()
+            .map(|d| d.path().to_path_buf());
+        match dev {
+            Some(p) => implementations.push(Implementation::BlockDevice {
+                path: p.display().to_string(),
+            }),
+            None => tracing::debug!(sr, vdi, "no kernel nbd device for blkback (NBD URI only)"),
+        }
+        Ok(BackendInfo { implementations })
     }
 
     /// `DP.stat_vdi`: each dp's state and the superstate.
@@ -598,13 +670,7 @@ impl Datapaths {
         for key in keys {
             let entry = self.entry(&key.0, &key.1);
             let mut g = entry.lock().await;
-            if let Some(e) = g.export.take() {
-                self.live
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&key);
-                self.exports.remove(e.name()).await;
-            }
+            self.drop_export(&key, &mut g).await;
             // The persisted states stay: re-attaching the SR (or restarting) restores them.
             g.dps.clear();
         }

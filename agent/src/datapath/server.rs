@@ -25,9 +25,21 @@ const MAX_IN_FLIGHT: usize = 128;
 const MAX_IN_FLIGHT_UNITS: usize = 4096;
 /// Unit of the byte budget (64 KiB; so 256 MiB per connection).
 const BYTE_UNIT: u64 = 64 << 10;
-/// Largest read answered on the connection's task when its data is cached (bigger ones, and
-/// uncached ones, go to the blocking pool so one connection's copy does not stall the others).
-const INLINE_READ_MAX: u64 = 1 << 20;
+/// Default of the largest read answered on the connection's task when its data is cached
+/// (bigger ones, and uncached ones, go to the blocking pool, where big copies run in parallel).
+const INLINE_READ_MAX_DEFAULT: u64 = 64 << 10;
+
+/// The largest read answered inline: `DDSTOR_NBD_INLINE_READ_MAX` (bytes; 0 = never inline), a
+/// tuning knob for benchmarks, else [`INLINE_READ_MAX_DEFAULT`].
+fn inline_read_max() -> u64 {
+    static V: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var("DDSTOR_NBD_INLINE_READ_MAX")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(INLINE_READ_MAX_DEFAULT)
+    })
+}
 /// Time a client has to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most extents returned in one block status reply.
@@ -137,6 +149,29 @@ where
     };
     tracing::debug!(export = session.export.name(), style = ?session.style, "NBD transmission");
     transmission(r, w, session).await
+}
+
+/// Serves one connection whose handshake happened elsewhere — the kernel's nbd driver, handed
+/// the other end of a socketpair with `NBD_SET_SOCK`: transmission only, simple replies, no
+/// metadata context.
+pub async fn serve_negotiated<R, W>(r: R, w: W, export: Arc<Export>) -> Result<(), ConnError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let r = BufReader::with_capacity(256 << 10, r);
+    let w = BufWriter::with_capacity(256 << 10, w);
+    let session = Session {
+        export,
+        style: ReplyStyle::Simple,
+        base_allocation: false,
+    };
+    transmission(r, w, session).await
+}
+
+/// The transmission flags a kernel nbd device is given (`NBD_SET_FLAGS`) for `export`.
+pub fn kernel_transmission_flags(export: &Export) -> u16 {
+    transmission_flags(export, false)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -809,7 +844,7 @@ impl Conn {
         }
         let conn = self.clone();
         match self.export.try_enter() {
-            Some(pass) if req.kind == proto::CMD_READ && req.length <= INLINE_READ_MAX => {
+            Some(pass) if req.kind == proto::CMD_READ && req.length <= inline_read_max() => {
                 // A read served from memory costs less than the hop to the blocking pool.
                 let mut buf = self.read_reply_buffer(&req);
                 let prefix = buf.len() - req.length as usize;
