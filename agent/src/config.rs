@@ -66,10 +66,10 @@ tcp = ""
 kernel_devices = "auto"
 
 [gc]
-# Background garbage collection and coalescing of every attached SR's VHD chains.
-# Experimental, off by default: a race with concurrent snapshots is known (issue 7);
-# `ddstor sr gc` runs a round on demand.
-enabled = false
+# Background garbage collection and coalescing of every attached SR's VHD chains (a snapshot
+# or clone of a VDI whose chain has 16 layers or more waits for it first). `ddstor sr gc` also
+# runs a round on demand.
+enabled = true
 # Seconds between rounds (a round also starts after VDI.compose, and on SR.gc).
 interval_secs = 30
 # Highest copy rate of background merges, bytes per second (0 = unlimited), so GC does not
@@ -191,8 +191,7 @@ pub struct NbdConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GcConfig {
-    /// Run the background GC. Off by default: it is experimental (a race with concurrent
-    /// snapshots is known, see ARCHITECTURE.md); `ddstor sr gc` runs it on demand.
+    /// Run the background GC (on by default); `ddstor sr gc` also runs a round on demand.
     pub enabled: bool,
     /// Seconds between rounds.
     pub interval_secs: u64,
@@ -207,7 +206,7 @@ pub struct GcConfig {
 impl Default for GcConfig {
     fn default() -> Self {
         GcConfig {
-            enabled: false,
+            enabled: true,
             interval_secs: 30,
             rate_limit: 64 << 20,
             leaf_merge: true,

@@ -57,6 +57,10 @@ pub const VDI_DESTROY: &[&str] = &[
 /// reached by every record and journal write.
 pub const METADATA_WRITE: &[&str] = &["meta.temp_written", "meta.renamed"];
 
+/// Failpoint of journal staging: the entry's file is created (at a temporary name) but its
+/// content is not yet written.
+pub const JOURNAL_STAGE: &[&str] = &["meta.journal_entry_created"];
+
 /// Every failpoint name, per operation in execution order.
 pub const ALL: &[&str] = &[
     "vdi_create.journal_written",
@@ -82,6 +86,7 @@ pub const ALL: &[&str] = &[
     "vdi_destroy.base_collected",
     "meta.temp_written",
     "meta.renamed",
+    "meta.journal_entry_created",
     "gc.merge_journaled",
     "gc.merge_copied",
     "gc.children_relinked",
@@ -116,10 +121,23 @@ pub enum Action {
     Panic,
 }
 
+/// A test hook called with the name of every failpoint reached (see [`Failpoints::with_hook`]).
+pub type Hook = Arc<dyn Fn(&'static str) + Send + Sync + std::panic::RefUnwindSafe>;
+
 /// The armed failpoint of one engine instance (or none).
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Failpoints {
     armed: Option<Arc<(String, Action)>>,
+    hook: Option<Hook>,
+}
+
+impl std::fmt::Debug for Failpoints {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Failpoints")
+            .field("armed", &self.armed)
+            .field("hook", &self.hook.is_some())
+            .finish()
+    }
 }
 
 impl Failpoints {
@@ -148,6 +166,7 @@ impl Failpoints {
         tracing::warn!(failpoint = %name, ?action, "failpoint armed");
         Self {
             armed: Some(Arc::new((name, action))),
+            hook: None,
         }
     }
 
@@ -155,7 +174,16 @@ impl Failpoints {
     pub fn panic_at(name: &str) -> Self {
         Self {
             armed: Some(Arc::new((name.to_string(), Action::Panic))),
+            hook: None,
         }
+    }
+
+    /// Calls `hook` with the name of every failpoint reached, before any armed action: lets a
+    /// test pause an operation at a named step (e.g. block on a channel) and interleave another
+    /// one there deterministically.
+    pub fn with_hook(mut self, hook: Hook) -> Self {
+        self.hook = Some(hook);
+        self
     }
 
     /// The armed failpoint's name, if any.
@@ -169,6 +197,9 @@ impl Failpoints {
             ALL.contains(&name),
             "failpoint {name} missing from failpoint::ALL"
         );
+        if let Some(h) = &self.hook {
+            h(name);
+        }
         let Some(armed) = &self.armed else { return };
         if armed.0 != name {
             return;
@@ -202,6 +233,7 @@ mod tests {
             VDI_CLONE,
             VDI_DESTROY,
             METADATA_WRITE,
+            JOURNAL_STAGE,
             crate::differencing::gc::GC_MERGE,
             crate::differencing::compose::COMPOSE,
             crate::differencing::online::GC_LEAF,

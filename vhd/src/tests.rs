@@ -180,11 +180,12 @@ fn chain_refuses_a_parent_with_the_wrong_uuid() {
     ));
 }
 
-/// A BlockIo that fails every write after the first `limit` — a crash at that point.
-struct CrashIo {
-    inner: MemFile,
-    writes: AtomicUsize,
-    limit: usize,
+/// A BlockIo that fails every write after the first `limit` — a crash at that point (also
+/// used by the coalesce tests).
+pub(crate) struct CrashIo {
+    pub(crate) inner: MemFile,
+    pub(crate) writes: AtomicUsize,
+    pub(crate) limit: usize,
 }
 
 impl BlockIo for CrashIo {

@@ -91,6 +91,9 @@ pub struct ServeArgs {
     /// Seconds in-flight calls get at shutdown (config `shutdown_grace_secs`).
     #[arg(long, value_name = "SECS")]
     shutdown_grace: Option<u64>,
+    /// Background GC of the attached SRs' chains (config `gc.enabled`; default on).
+    #[arg(long, value_enum)]
+    gc: Option<OnOff>,
 }
 
 impl ServeArgs {
@@ -135,6 +138,9 @@ impl ServeArgs {
         }
         if let Some(v) = &self.nbd_socket {
             c.nbd.socket = v.clone();
+        }
+        if let Some(v) = self.gc {
+            c.gc.enabled = v == OnOff::On;
         }
         if let Some(v) = &self.nbd_tcp {
             c.nbd.tcp = v.clone();

@@ -66,10 +66,39 @@ pub(crate) fn create_params(size: i64) -> VdiCreate {
 }
 
 pub(crate) async fn new_sr(st: &Storage) {
-    st.sr_create(SR, "sr", "test sr", &BTreeMap::new())
+    create_sr(st, SR).await;
+}
+
+/// Creates and attaches SR `sr`.
+pub(crate) async fn create_sr(st: &Storage, sr: &str) {
+    st.sr_create(sr, "sr", "test sr", &BTreeMap::new())
         .await
         .unwrap();
-    st.sr_attach(SR, &BTreeMap::new()).await.unwrap();
+    st.sr_attach(sr, &BTreeMap::new()).await.unwrap();
+}
+
+/// An engine over real VHD nodes (the production format) in `dir`.
+pub(crate) fn engine_vhd(dir: &Path, fp: Failpoints) -> Storage {
+    engine_with(dir, fp, Arc::new(VhdFormat))
+}
+
+/// Creates a VDI of `size` bytes on `sr`; returns its uuid.
+pub(crate) async fn new_vdi(st: &Storage, sr: &str, size: u64) -> String {
+    st.vdi_create(sr, create_params(size as i64))
+        .await
+        .unwrap()
+        .record
+        .uuid
+}
+
+/// The uuids `SR.scan` lists, in its order.
+pub(crate) async fn scan_uuids(st: &Storage, sr: &str) -> Vec<String> {
+    st.sr_scan(sr)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.record.uuid)
+        .collect()
 }
 
 /// Everything on disk (relative path → contents), to prove a refused call changed nothing.

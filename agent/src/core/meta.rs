@@ -242,7 +242,7 @@ impl MetaStore {
     /// durable, so replaying it is a no-op unless later changes were made to the same records
     /// or nodes. Every later change goes through this store first ([`MetaStore::write_vdi`],
     /// [`MetaStore::write_vdis`], [`MetaStore::remove_vdi`], [`MetaStore::write_sr`],
-    /// [`MetaStore::journal_begin`], and [`MetaStore::journal_pending`], which GC consults before
+    /// [`MetaStore::journal_begin`], and [`MetaStore::journal_in_flight`], which GC consults before
     /// touching a chain), and each of those settles before it writes. So an entry can only come
     /// back after a crash when nothing has changed since its operation completed.
     pub fn settle(&self) -> Result<()> {
@@ -432,20 +432,32 @@ impl MetaStore {
         remove_durable(&self.vdis_dir(), &format!("{uuid}.json"))
     }
 
-    /// Writes the intent of a multi-step operation **without syncing** (directly at
-    /// `journal/<id>.json`) and returns the open file. The entry is committed once the caller's
-    /// barrier has synced this file and the journal directory; a crash before that can leave a
-    /// torn entry, which [`MetaStore::journal_pending`] sets aside as never committed.
+    /// Writes the intent of a multi-step operation **without syncing** and returns the open file.
+    /// The entry is written whole at a temporary dot-name and only then renamed to
+    /// `journal/<id>.json`, so a concurrent reader ([`MetaStore::journal_in_flight`], GC) never
+    /// sees a partly written entry: an operation is visible as in flight from before its first
+    /// visible change until after its last. The entry is committed once the caller's barrier has
+    /// synced this file and the journal directory; a crash before that can leave a torn entry
+    /// (the rename reached the disk, the data did not), which [`MetaStore::journal_pending`]
+    /// sets aside at attach as never committed.
     pub fn journal_stage(&self, entry: &JournalEntry) -> Result<File> {
         let dir = self.journal_dir();
         let path = dir.join(format!("{}.json", entry.id));
+        let tmp = dir.join(format!(".{}.json.tmp", entry.id));
         let mut f = OpenOptions::new()
             .write(true)
             .create_new(true)
-            .open(&path)
-            .map_err(|e| io("create journal entry", &path, e))?;
-        f.write_all(&to_json(entry)?)
-            .map_err(|e| io("write", &path, e))?;
+            .open(&tmp)
+            .map_err(|e| io("create journal entry", &tmp, e))?;
+        self.fp.hit("meta.journal_entry_created");
+        let staged = f
+            .write_all(&to_json(entry)?)
+            .map_err(|e| io("write", &tmp, e))
+            .and_then(|()| fs::rename(&tmp, &path).map_err(|e| io("rename into place", &path, e)));
+        if let Err(e) = staged {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
         Ok(f)
     }
 
@@ -482,9 +494,18 @@ impl MetaStore {
         self.settle()
     }
 
-    /// Every pending journal entry, oldest first. Settles removed entries first. An entry that
-    /// does not parse was torn by a crash before its commit barrier (nothing of its operation
-    /// had happened): it is renamed to `<id>.json.torn` and skipped, with an error logged.
+    /// Whether any journaled operation is in flight (or left by a crash): any entry at all,
+    /// parsed or not. For running code (GC) deciding whether the chain index may lag the files;
+    /// unlike [`MetaStore::journal_pending`] it never sets an entry aside. Settles first.
+    pub fn journal_in_flight(&self) -> Result<bool> {
+        self.settle()?;
+        Ok(!json_files(&self.journal_dir())?.is_empty())
+    }
+
+    /// Every pending journal entry, oldest first, **for recovery at attach** (no operation may
+    /// be running). Settles removed entries first. An entry that does not parse was torn by a
+    /// crash before its commit barrier (nothing of its operation had happened): it is renamed to
+    /// `<id>.json.torn` and skipped, with an error logged.
     pub fn journal_pending(&self) -> Result<Vec<JournalEntry>> {
         self.settle()?;
         let mut out = Vec::new();

@@ -494,6 +494,10 @@ impl Storage {
             validate::name_description(l)?;
         }
         validate::sm_config(&d.sm_config)?;
+        // Back-pressure: a long chain waits for the background GC first (issue 7).
+        let s0 = self.attached(sr).await?.1;
+        crate::differencing::online::wait_for_chain_room(&s0, vdi).await;
+        drop(s0);
         let (_g, s, v, _lock) = self.locked_vdi(sr, vdi).await?;
         let src = v.record();
         let mut sm = src.sm_config.clone();
@@ -792,7 +796,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 }
 
 #[cfg(test)]
-mod fixtures;
+pub(crate) mod fixtures;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

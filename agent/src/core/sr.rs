@@ -547,6 +547,11 @@ impl Sr {
             .journal_dir_path()
             .join(format!("{}.json", entry.id));
 
+        // The base's parent is the leaf's parent now, read from the file (the truth; stable:
+        // whatever re-points this leaf holds the VDI's lock, as the caller does), never from the
+        // index at the end, which a concurrent re-read may already have moved on.
+        let grandparent = self.format.inspect(&leaf)?.parent;
+
         // 1. Stage, 2. commit.
         let t0 = std::time::Instant::now();
         let staged = (|| -> Result<std::time::Duration> {
@@ -623,7 +628,6 @@ impl Sr {
         }
         {
             let mut ix = lock(&self.chain);
-            let grandparent = ix.parent_of(&src.uuid).map(str::to_string);
             ix.insert(&base, grandparent, true);
             ix.insert(&src.uuid, Some(base.clone()), false);
             ix.insert(&new_rec.uuid, Some(base.clone()), false);

@@ -592,13 +592,7 @@ async fn a_crash_at_every_destroy_step_completes_the_destroy_and_keeps_the_rest(
         )
         .await;
         let (v, s) = ids.split_once(' ').unwrap();
-        let scan: Vec<String> = st
-            .sr_scan(SR)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|x| x.record.uuid)
-            .collect();
+        let scan: Vec<String> = fixtures::scan_uuids(&st, SR).await;
         assert_eq!(
             scan,
             vec![s.to_string()],
@@ -666,13 +660,7 @@ async fn concurrent_clients_lose_no_update_and_match_a_model() {
         labels.push((c, mine));
         model.extend(made);
     }
-    let scan: BTreeSet<String> = st
-        .sr_scan(SR)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|v| v.record.uuid)
-        .collect();
+    let scan: BTreeSet<String> = fixtures::scan_uuids(&st, SR).await.into_iter().collect();
     assert_eq!(scan, model);
     for (c, mine) in labels {
         assert_eq!(
@@ -684,13 +672,7 @@ async fn concurrent_clients_lose_no_update_and_match_a_model() {
     // Everything survives a re-attach identically.
     st.sr_detach(SR).await.unwrap();
     st.sr_attach(SR, &BTreeMap::new()).await.unwrap();
-    let again: BTreeSet<String> = st
-        .sr_scan(SR)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|v| v.record.uuid)
-        .collect();
+    let again: BTreeSet<String> = fixtures::scan_uuids(&st, SR).await.into_iter().collect();
     assert_eq!(again, model);
 }
 

@@ -129,7 +129,7 @@ fn next_work(sr: &Sr) -> Result<Option<Work>> {
     let mut tries = 0;
     let mut ix = loop {
         let ix = lock(&sr.chain);
-        if sr.meta.journal_pending()?.is_empty() {
+        if !sr.meta.journal_in_flight()? {
             break ix;
         }
         drop(ix);
@@ -224,28 +224,8 @@ pub(crate) fn merge(
         // or leaf merge), and any VDI whose chain runs through a relinked node may have its
         // chain opened (snapshot, attach) while `relink` rewrites that node's parent uuid and
         // locators, which is not one atomic write: all of those hold the VDI's lock. So hold
-        // the locks of every VDI below `child` while relinking (in uuid order, so two GC runs
-        // cannot deadlock), and list the children again under them.
-        let mut below = children_on_disk(&sr.root, child)?;
-        {
-            let ix = lock(&sr.chain);
-            let mut stack = below.clone();
-            while let Some(n) = stack.pop() {
-                for c in ix.children_of(&n) {
-                    if !below.contains(&c) {
-                        below.push(c.clone());
-                        stack.push(c);
-                    }
-                }
-            }
-        }
-        below.sort();
-        below.dedup();
-        let leaves: Vec<_> = below.iter().filter_map(|g| sr.vdi(g)).collect();
-        let _held: Vec<_> = leaves
-            .iter()
-            .map(|v| v.op.clone().blocking_lock_owned())
-            .collect();
+        // the locks of every VDI below `child` while relinking.
+        let _held = lock_vdis_below(sr, child)?;
         for g in children_on_disk(&sr.root, child)? {
             vhd::relink(&node_file(&sr.root, &g), cuuid, &ppath)
                 .map_err(|e| vhd_err(&format!("re-pointing {g} at {parent}"), e))?;
@@ -274,6 +254,48 @@ pub(crate) fn merge(
     crate::core::meta::remove_durable(sr.meta.dir(), "gc-merge")?;
     let _ = journal;
     Ok(copied)
+}
+
+/// The VDIs whose chain runs through `node`: below it in the index or on disk.
+fn vdis_below(sr: &Sr, node: &str) -> Result<Vec<Arc<crate::core::sr::Vdi>>> {
+    let mut below = children_on_disk(&sr.root, node)?;
+    {
+        let ix = lock(&sr.chain);
+        below.extend(ix.children_of(node));
+        let mut stack = below.clone();
+        while let Some(n) = stack.pop() {
+            for c in ix.children_of(&n) {
+                if !below.contains(&c) {
+                    below.push(c.clone());
+                    stack.push(c);
+                }
+            }
+        }
+    }
+    below.sort();
+    below.dedup();
+    Ok(below.iter().filter_map(|g| sr.vdi(g)).collect())
+}
+
+/// Takes the locks of every VDI whose chain runs through `node` (in uuid order, so two callers
+/// cannot deadlock) and returns them once that set is stable: a snapshot or clone adds a VDI
+/// below `node` only while holding the lock of one already below it (and updates the index
+/// before releasing it), so if the set is the same after taking every lock, no VDI can join it
+/// while they are held.
+fn lock_vdis_below(sr: &Sr, node: &str) -> Result<Vec<tokio::sync::OwnedMutexGuard<()>>> {
+    loop {
+        let vdis = vdis_below(sr, node)?;
+        let held: Vec<_> = vdis
+            .iter()
+            .map(|v| v.op.clone().blocking_lock_owned())
+            .collect();
+        let now = vdis_below(sr, node)?;
+        let same = now.len() == vdis.len() && now.iter().zip(&vdis).all(|(a, b)| Arc::ptr_eq(a, b));
+        if same {
+            return Ok(held);
+        }
+        drop(held);
+    }
 }
 
 fn sr_is_hidden(sr: &Sr, name: &str) -> bool {
@@ -308,7 +330,17 @@ fn resume(sr: &Sr, opts: &GcOptions, report: &mut GcReport) -> Result<()> {
 
 /// Re-reads who is whose parent from the node files (the truth) into the SR's chain index, if
 /// no journaled operation is in flight; logs any divergence found. Returns whether it differed.
+///
+/// Consistent by construction: the files are read under the chain lock, between two checks that
+/// no journaled operation is in flight. A snapshot/clone/destroy makes its entry visible before
+/// its first visible change to the files and removes it only after updating the index (under
+/// this lock), so if both checks pass, no such change happened while the files were read, and
+/// none can be waiting to be applied to the index.
 pub fn resync_index(sr: &Sr) -> Result<bool> {
+    let mut ix = lock(&sr.chain);
+    if sr.meta.journal_in_flight()? {
+        return Ok(false);
+    }
     let mut fresh = crate::differencing::ChainIndex::default();
     for n in list_nodes(&sr.root)? {
         match VhdFormat.inspect(&node_file(&sr.root, &n)) {
@@ -316,8 +348,7 @@ pub fn resync_index(sr: &Sr) -> Result<bool> {
             Err(_) => return Ok(false), // being written or unreadable: leave the index alone
         }
     }
-    let mut ix = lock(&sr.chain);
-    if !sr.meta.journal_pending()?.is_empty() {
+    if sr.meta.journal_in_flight()? {
         return Ok(false);
     }
     let differs = *ix != fresh;

@@ -157,6 +157,56 @@ pub fn diagnostics() -> String {
         .collect()
 }
 
+/// A snapshot or clone of a VDI whose chain has at least this many layers first waits for the
+/// background GC to shorten it ([`wait_for_chain_room`]).
+pub const SNAPSHOT_WAIT_DEPTH: usize = 16;
+
+static BACKGROUND_ON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Back-pressure that keeps chains short by construction rather than by GC winning a race:
+/// while VDI `vdi`'s chain has [`SNAPSHOT_WAIT_DEPTH`] layers or more and the background GC
+/// runs, kick it and wait for a whole round that started after the kick; stop waiting as soon
+/// as the chain is short enough, or when a round did not shorten it (what is left is branch
+/// points that no merge can remove: the snapshot then proceeds), or after two minutes (a round
+/// stuck on something else; logged). Without a background GC this returns at once.
+pub async fn wait_for_chain_room(s: &Sr, vdi: &str) {
+    if !BACKGROUND_ON.load(std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    let t0 = Instant::now();
+    let mut depth = s.ancestry(vdi).len();
+    while depth >= SNAPSHOT_WAIT_DEPTH {
+        let st = status(&s.uuid);
+        let target = st.rounds + if st.running { 2 } else { 1 };
+        KICK.notify_one();
+        while status(&s.uuid).rounds < target {
+            if t0.elapsed() > Duration::from_secs(120) {
+                tracing::warn!(
+                    sr = s.uuid,
+                    vdi,
+                    depth,
+                    "snapshot waited 120 s for GC to shorten the chain; going ahead"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let now = s.ancestry(vdi).len();
+        tracing::info!(
+            sr = s.uuid,
+            vdi,
+            before = depth,
+            after = now,
+            waited_ms = t0.elapsed().as_millis() as u64,
+            "snapshot waited for GC to shorten a long chain"
+        );
+        if now >= depth {
+            return;
+        }
+        depth = now;
+    }
+}
+
 /// Asks the background GC for a round soon.
 pub fn kick(_sr: &str) {
     KICK.notify_one();
@@ -247,13 +297,22 @@ pub fn recover(sr: &Sr) -> Result<Option<String>> {
     )))
 }
 
-/// The VDI leaves whose parent is a hidden base with them as only child.
+/// Whether VDI `vdi` has an epoch layer (`.<vdi>.epoch.vhd`, a non-persistent disk during an
+/// epoch): a child of the leaf that the index does not list, live or left on disk while the
+/// VDI is detached within the epoch. Such a leaf is never merged: a freeze or a switch gives
+/// the leaf a new identity, and the layer would then name a parent that no longer exists.
+/// Hidden merges below it are fine (the leaf keeps its uuid and name).
+fn has_epoch_layer(sr: &Sr, vdi: &str) -> bool {
+    crate::datapath::manager::overlay_path(&node_file(&sr.root, vdi), vdi).exists()
+}
+
+/// The VDI leaves whose parent is a hidden base with them as only child (and no epoch layer).
 fn leaf_candidates(sr: &Sr) -> Vec<(String, String)> {
     let ix = lock(&sr.chain).clone();
     let mut out = Vec::new();
     for v in sr.all_vdis() {
         let u = v.record().uuid;
-        if ix.is_hidden(&u) {
+        if ix.is_hidden(&u) || has_epoch_layer(sr, &u) {
             continue;
         }
         let Some(p) = ix.parent_of(&u) else { continue };
@@ -266,6 +325,9 @@ fn leaf_candidates(sr: &Sr) -> Vec<(String, String)> {
 }
 
 fn still_candidate(sr: &Sr, vdi: &str, parent: &str) -> bool {
+    if has_epoch_layer(sr, vdi) {
+        return false;
+    }
     let ix = lock(&sr.chain);
     ix.parent_of(vdi) == Some(parent)
         && ix.is_hidden(parent)
@@ -360,7 +422,7 @@ async fn leaf_merge(
 ) -> Result<Option<u64>> {
     let fp = opts.gc.failpoints.clone();
     let Some(v) = s.vdi(vdi) else { return Ok(None) };
-    if !s.meta.journal_pending()?.is_empty() || !still_candidate(s, vdi, parent) {
+    if s.meta.journal_in_flight()? || !still_candidate(s, vdi, parent) {
         return Ok(None);
     }
     let sr = s.uuid.clone();
@@ -553,6 +615,7 @@ pub async fn gc_round(st: &Storage, sr: &str, opts: &OnlineOptions) -> Result<Gc
 /// Starts the background GC: a round on every attached SR each `interval` (or when kicked).
 pub fn spawn_background(st: Arc<Storage>, cfg: BackgroundGc) -> tokio::task::JoinHandle<()> {
     tracing::info!(interval_s = cfg.interval.as_secs_f64(), rate_limit = ?cfg.options.gc.rate_limit, "background GC started");
+    BACKGROUND_ON.store(true, std::sync::atomic::Ordering::SeqCst);
     tokio::spawn(async move {
         loop {
             tokio::select! {

@@ -8,6 +8,7 @@ use crate::create::{
     create_differencing, create_dynamic, create_dynamic_io, CreateOptions, ParentRef,
 };
 use crate::io::{BlockIo, MemFile};
+use crate::tests::CrashIo;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
@@ -117,34 +118,6 @@ fn merge_copies_only_the_childs_sectors_and_the_parent_then_reads_as_the_child()
     drop(pd);
     assert_eq!(read_all(&chain(std::slice::from_ref(&base), false)), view);
     assert_eq!(read_all(&chain(&[child, base], false)), view);
-}
-
-/// A BlockIo whose writes fail after the first `limit`: a crash at that point.
-struct CrashIo {
-    inner: MemFile,
-    writes: AtomicUsize,
-    limit: usize,
-}
-
-impl BlockIo for CrashIo {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        if self.writes.fetch_add(1, Ordering::SeqCst) >= self.limit {
-            return Err(std::io::Error::other("simulated crash"));
-        }
-        self.inner.write_at(buf, offset)
-    }
-    fn sync(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.inner.set_len(len)
-    }
 }
 
 #[test]

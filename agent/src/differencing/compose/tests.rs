@@ -2,7 +2,8 @@
 //! every refusal, and a crash at every step of a compose.
 
 use super::*;
-use crate::core::{Storage, StorageConfig, VdiCreate, VdiDerive};
+use crate::core::fixtures;
+use crate::core::{Storage, VdiDerive};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -11,32 +12,15 @@ const SR2: &str = "11111111-2222-3333-4444-666666666666";
 const SIZE: u64 = 6 << 20;
 
 fn engine(dir: &Path, fp: Failpoints) -> Storage {
-    Storage::new(StorageConfig {
-        data_dir: dir.to_path_buf(),
-        sr_roots: vec![],
-        failpoints: fp,
-    })
+    fixtures::engine_vhd(dir, fp)
 }
 
 async fn new_sr(st: &Storage, sr: &str) {
-    st.sr_create(sr, "sr", "", &BTreeMap::new()).await.unwrap();
-    st.sr_attach(sr, &BTreeMap::new()).await.unwrap();
+    fixtures::create_sr(st, sr).await;
 }
 
 async fn create(st: &Storage, sr: &str, size: u64) -> String {
-    st.vdi_create(
-        sr,
-        VdiCreate {
-            name_label: "d".into(),
-            virtual_size: size as i64,
-            persistent: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap()
-    .record
-    .uuid
+    fixtures::new_vdi(st, sr, size).await
 }
 
 async fn derive(st: &Storage, vdi: &str, clone: bool) -> String {
@@ -103,13 +87,7 @@ async fn similar_content_lists_chain_relatives_nearest_first_then_equal_content_
     assert_eq!(got, vec![c1.clone(), s1.clone(), u.clone()]);
     assert!(!got.contains(&lone), "an unrelated VDI is not similar");
     // Hidden bases never appear, from any side.
-    let scan: Vec<String> = st
-        .sr_scan(SR)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|v| v.record.uuid)
-        .collect();
+    let scan: Vec<String> = fixtures::scan_uuids(&st, SR).await;
     for v in st.vdi_similar_content(SR, &s1).await.unwrap() {
         assert!(scan.contains(&v.record.uuid));
     }

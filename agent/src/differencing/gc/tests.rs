@@ -3,7 +3,8 @@
 //! written throughout (as the datapath does) never sees a wrong byte.
 
 use super::*;
-use crate::core::{Storage, StorageConfig, VdiCreate, VdiDerive};
+use crate::core::fixtures;
+use crate::core::{Storage, VdiDerive};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
@@ -11,16 +12,11 @@ const SR: &str = "11111111-2222-3333-4444-555555555555";
 const SIZE: u64 = 6 << 20;
 
 fn engine(dir: &Path) -> Storage {
-    Storage::new(StorageConfig {
-        data_dir: dir.to_path_buf(),
-        sr_roots: vec![],
-        failpoints: Failpoints::none(),
-    })
+    fixtures::engine_vhd(dir, Failpoints::none())
 }
 
 async fn new_sr(st: &Storage) {
-    st.sr_create(SR, "sr", "", &BTreeMap::new()).await.unwrap();
-    st.sr_attach(SR, &BTreeMap::new()).await.unwrap();
+    fixtures::create_sr(st, SR).await;
 }
 
 fn open(root: &Path, vdi: &str, writable: bool) -> vhd::Chain {
@@ -52,20 +48,7 @@ async fn churn(
     n: usize,
     keep: &[usize],
 ) -> (String, BTreeMap<String, Vec<u8>>) {
-    let v = st
-        .vdi_create(
-            SR,
-            VdiCreate {
-                name_label: "disk".into(),
-                virtual_size: SIZE as i64,
-                persistent: true,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap()
-        .record
-        .uuid;
+    let v = fixtures::new_vdi(st, SR, SIZE).await;
     let mut expect = BTreeMap::new();
     for i in 0..n {
         let c = open(root, &v, true);
@@ -235,4 +218,91 @@ async fn gc_runs_online_under_a_leaf_kept_open_and_written_without_a_wrong_read(
         read_all(&root, &v) == *model.lock().unwrap(),
         "a re-opened chain too"
     );
+}
+
+/// Session 2's race, replayed step by step. The background GC re-reads the chain index from
+/// the files at every round ([`resync_index`]) and waits for a gap in the engine's journal
+/// before touching chains. Here a round's re-read is run at two points of a snapshot in
+/// flight: (1) when its journal entry file has just been created (still empty), then (2) after
+/// its renames, before it updates the index. Before the fix, (1) found the empty entry
+/// unparseable and set it aside as "torn", so (2) saw no operation in flight, re-read the
+/// half-updated files into the index, and the snapshot then derived its new base's parent from
+/// that index (its own leaf's new parent: the base itself): the base became its own parent in
+/// the index and the real grandparent looked childless, which GC or a destroy would delete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gc_index_resync_in_the_middle_of_a_snapshot_keeps_its_journal_entry_and_a_true_index() {
+    use std::sync::mpsc;
+    let dir = tempfile::tempdir().unwrap();
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (to_test, at_step) = mpsc::channel::<&'static str>();
+    let (resume_tx, resume_rx) = mpsc::channel::<()>();
+    let (to_test, resume_rx) = (Mutex::new(to_test), Mutex::new(resume_rx));
+    let hook_armed = armed.clone();
+    let fp = Failpoints::none().with_hook(Arc::new(move |name| {
+        if hook_armed.load(Ordering::SeqCst)
+            && matches!(name, "meta.journal_entry_created" | "vdi_snapshot.synced")
+        {
+            lock(&to_test).send(name).unwrap();
+            lock(&resume_rx).recv().unwrap();
+        }
+    }));
+    let st = fixtures::engine_vhd(dir.path(), fp);
+    new_sr(&st).await;
+    let root = dir.path().join(SR);
+    // v ← its first snapshot's base B1 (hidden), that snapshot destroyed.
+    let v = fixtures::new_vdi(&st, SR, SIZE).await;
+    let s1 = st
+        .vdi_snapshot(SR, &v, VdiDerive::default(), false)
+        .await
+        .unwrap()
+        .record
+        .uuid;
+    st.vdi_destroy(SR, &s1).await.unwrap();
+    let (_g, sr) = st.attached(SR).await.unwrap();
+    let b1 = lock(&sr.chain).parent_of(&v).unwrap().to_string();
+
+    armed.store(true, Ordering::SeqCst);
+    let snap = {
+        let sr = sr.clone();
+        let vd = sr.vdi(&v).unwrap();
+        let rec = crate::core::sr::new_record(&uuid::Uuid::new_v4().to_string(), SIZE);
+        std::thread::spawn(move || sr.snapshot_vdi(&vd, rec, false))
+    };
+    for step in ["meta.journal_entry_created", "vdi_snapshot.synced"] {
+        assert_eq!(at_step.recv().unwrap(), step);
+        resync_index(&sr).unwrap();
+        resume_tx.send(()).unwrap();
+    }
+    let s2 = snap.join().unwrap().unwrap().uuid;
+    armed.store(false, Ordering::SeqCst);
+
+    let torn: Vec<_> = std::fs::read_dir(sr.meta.journal_dir_path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.ends_with(".torn"))
+        .collect();
+    assert!(
+        torn.is_empty(),
+        "the in-flight snapshot's journal entry was set aside: {torn:?}"
+    );
+    let mut files = crate::differencing::ChainIndex::default();
+    for n in list_nodes(&root).unwrap() {
+        let i = VhdFormat.inspect(&node_file(&root, &n)).unwrap();
+        files.insert(&n, i.parent, i.hidden);
+    }
+    assert_eq!(*lock(&sr.chain), files, "the index says what the files say");
+    let b2 = lock(&sr.chain).parent_of(&v).unwrap().to_string();
+    assert_eq!(sr.ancestry(&v), vec![v.clone(), b2.clone(), b1.clone()]);
+    assert_eq!(sr.ancestry(&s2), vec![s2.clone(), b2, b1]);
+    // And GC, then destroying the snapshot, leave every chain readable.
+    drop(_g);
+    st.vdi_destroy(SR, &s2).await.unwrap();
+    let sr2 = sr.clone();
+    tokio::task::spawn_blocking(move || run(&sr2, &GcOptions::default(), &mut |_| {}))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(read_all(&root, &v).len() as u64, SIZE);
+    assert_eq!(sr.ancestry(&v).len(), 2, "v ← one base after GC");
 }

@@ -3,7 +3,8 @@
 //! step recovered at attach.
 
 use super::*;
-use crate::core::{StorageConfig, VdiCreate, VdiDerive};
+use crate::core::fixtures;
+use crate::core::VdiDerive;
 use crate::datapath::manager::Op;
 use crate::datapath::Datapaths;
 use std::collections::BTreeMap;
@@ -13,11 +14,7 @@ const SR: &str = "11111111-2222-3333-4444-777777777777";
 const SIZE: u64 = 8 << 20;
 
 fn engine(dir: &Path) -> Storage {
-    Storage::new(StorageConfig {
-        data_dir: dir.to_path_buf(),
-        sr_roots: vec![],
-        failpoints: Failpoints::none(),
-    })
+    fixtures::engine_vhd(dir, Failpoints::none())
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -48,21 +45,8 @@ fn write(root: &Path, vdi: &str, off: u64, data: &[u8]) {
 }
 
 async fn new_vdi(st: &Storage) -> String {
-    st.sr_create(SR, "sr", "", &BTreeMap::new()).await.ok();
-    st.sr_attach(SR, &BTreeMap::new()).await.unwrap();
-    st.vdi_create(
-        SR,
-        VdiCreate {
-            name_label: "d".into(),
-            virtual_size: SIZE as i64,
-            persistent: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap()
-    .record
-    .uuid
+    fixtures::create_sr(st, SR).await;
+    fixtures::new_vdi(st, SR, SIZE).await
 }
 
 fn opts(freeze_above: u64) -> OnlineOptions {
@@ -231,4 +215,94 @@ async fn a_crash_at_every_leaf_merge_step_recovers_at_attach_with_the_data_intac
             "{fp}: data after the resumed merge"
         );
     }
+}
+
+async fn export_io(dps: &Datapaths, v: &str, write: Option<(u64, Vec<u8>)>) -> Vec<u8> {
+    let export = dps.exports().get(&format!("{SR}/{v}")).unwrap();
+    let pass = export.enter().await.expect("the export refused a request");
+    let b = pass.backend.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Some((off, d)) = write {
+            b.write_at(&d, off).unwrap();
+            b.flush().unwrap();
+        }
+        let mut w = vec![0u8; SIZE as usize];
+        b.read_at(&mut w, 0).unwrap();
+        w
+    })
+    .await
+    .unwrap()
+}
+
+/// A non-persistent disk in an epoch is served from `.<vdi>.epoch.vhd`, a dot-named child of
+/// the leaf that the index does not list. GC must not leaf-merge such a VDI: the merge gives the
+/// leaf a new identity (a freeze creates a new leaf, a switch renames the parent over it), and
+/// an epoch layer on disk without a live export (detached within the epoch) would then name a
+/// parent that no longer exists. Hidden merges below the leaf stay fine (the leaf keeps its
+/// uuid). Once the epoch ends, the leaf merge happens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_leaves_a_leaf_under_a_live_epoch_layer_alone_and_merges_it_after_the_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join(SR);
+    let mut st = engine(dir.path());
+    let dps = Datapaths::new(dir.path().join("nbd.sock"));
+    st.set_datapath_hooks(dps.clone());
+    let st = Arc::new(st);
+    let v = new_vdi(&st).await;
+    // v ← P (hidden, single child) with data in both: a leaf-merge candidate.
+    write(&root, &v, 0, &pattern(1, 2 << 20));
+    for _ in 0..2 {
+        let s = st
+            .vdi_snapshot(SR, &v, VdiDerive::default(), false)
+            .await
+            .unwrap();
+        st.vdi_destroy(SR, &s.record.uuid).await.unwrap();
+    }
+    write(&root, &v, 1 << 20, &pattern(2, 2 << 20));
+    let persistent = read_all(&root, &v);
+    st.vdi_set_persistent(SR, &v, false).await.unwrap();
+    dps.attach(&st, SR, &v, "dp", true).await.unwrap();
+    dps.transition(&st, SR, &v, "dp", Op::Activate)
+        .await
+        .unwrap();
+    st.vdi_epoch_begin(SR, &v, "vm1", false).await.unwrap();
+    let overlay = root.join(format!(".{v}.epoch.vhd"));
+    assert!(overlay.exists());
+    let mut in_epoch = persistent.clone();
+    in_epoch[(3 << 20)..(4 << 20)].copy_from_slice(&pattern(3, 1 << 20));
+    let got = export_io(&dps, &v, Some((3 << 20, pattern(3, 1 << 20)))).await;
+    assert!(got == in_epoch, "the epoch's write reads back");
+
+    // Live export: hidden merges collapse the chain to v ← P; v itself is not merged.
+    let r = gc_round(&st, SR, &opts(0)).await.unwrap();
+    assert!(!r.merged.iter().any(|(_, c)| c == &v), "{r:?}");
+    assert_eq!(st.vdi_chain(SR, &v).await.unwrap().1.len(), 2, "{r:?}");
+    assert!(export_io(&dps, &v, None).await == in_epoch);
+    // Detached within the epoch (the layer stays on disk): still not merged, and the layer
+    // still opens on re-attach with the epoch's writes.
+    dps.transition(&st, SR, &v, "dp", Op::Deactivate)
+        .await
+        .unwrap();
+    dps.transition(&st, SR, &v, "dp", Op::Detach).await.unwrap();
+    let r = gc_round(&st, SR, &opts(u64::MAX)).await.unwrap();
+    assert!(!r.merged.iter().any(|(_, c)| c == &v), "{r:?}");
+    dps.attach(&st, SR, &v, "dp", true).await.unwrap();
+    dps.transition(&st, SR, &v, "dp", Op::Activate)
+        .await
+        .unwrap();
+    assert!(
+        export_io(&dps, &v, None).await == in_epoch,
+        "the epoch layer survived GC"
+    );
+    // Epoch over: its writes are gone, and now the leaf merge runs (live, under the export).
+    st.vdi_epoch_end(SR, &v, "vm1").await.unwrap();
+    assert!(!overlay.exists());
+    let r = gc_round(&st, SR, &opts(0)).await.unwrap();
+    assert!(r.merged.iter().any(|(_, c)| c == &v), "{r:?}");
+    assert_eq!(st.vdi_chain(SR, &v).await.unwrap().1, vec![v.clone()]);
+    assert!(export_io(&dps, &v, None).await == persistent);
+    dps.transition(&st, SR, &v, "dp", Op::Deactivate)
+        .await
+        .unwrap();
+    assert!(read_all(&root, &v) == persistent);
 }
