@@ -13,7 +13,6 @@
 //! [`Ioctls`] touches the kernel (the only `unsafe` here).
 
 use super::export::Export;
-use super::proto;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -354,6 +353,7 @@ mod tests {
     use super::*;
     use crate::datapath::backend::{BlockBackend, MemBackend};
     use crate::datapath::export::ExportOptions;
+    use crate::datapath::proto;
     use std::io::{Read, Write};
     use std::os::fd::BorrowedFd;
     use std::sync::Condvar;
