@@ -267,9 +267,22 @@ impl Chain {
 
     /// Resolves sectors `s0..s1` of block `b` into runs of one source each.
     fn resolve(&self, b: u64, s0: u32, s1: u32) -> Result<Vec<Run>> {
+        Ok(self.resolve_with(b, s0, s1, false)?.unwrap_or_default())
+    }
+
+    /// [`Chain::resolve`]; with `nowait`, from cached bitmaps only (`None` if one is not cached).
+    fn resolve_with(&self, b: u64, s0: u32, s1: u32, nowait: bool) -> Result<Option<Vec<Run>>> {
         let mut bms: Vec<(usize, Arc<Bitmap>)> = Vec::new();
         for l in self.sources(b) {
-            if let Some(bm) = self.layers[l].presence(b)? {
+            let presence = if nowait {
+                match self.layers[l].cached_presence(b) {
+                    Some(p) => p,
+                    None => return Ok(None),
+                }
+            } else {
+                self.layers[l].presence(b)?
+            };
+            if let Some(bm) = presence {
                 let full = bm.is_full();
                 bms.push((l, bm));
                 if full {
@@ -277,23 +290,12 @@ impl Chain {
                 }
             }
         }
-        Ok(runs_of(&bms, s0, s1))
+        Ok(Some(runs_of(&bms, s0, s1)))
     }
 
     /// Reads `buf.len()` bytes at `offset` through the chain. Any alignment.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.check_range(offset, buf.len() as u64)?;
-        let bs = self.block_size;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let b = pos / bs;
-            let in_block = pos % bs;
-            let n = ((bs - in_block) as usize).min(buf.len() - done);
-            self.read_block(b, in_block, &mut buf[done..done + n])?;
-            done += n;
-        }
-        Ok(())
+        self.read_with(buf, offset, false).map(|_| ())
     }
 
     /// Like [`Chain::read_at`] but only when it needs no waiting for a device: every bitmap
@@ -301,6 +303,11 @@ impl Chain {
     /// was done (`buf` may be partly written) and the caller should use [`Chain::read_at`] on a
     /// thread that may block. Lets a server answer cached reads on its event loop.
     pub fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        self.read_with(buf, offset, true)
+    }
+
+    /// [`Chain::read_at`] (`nowait` false: always `Ok(true)`) or [`Chain::try_read_at`].
+    fn read_with(&self, buf: &mut [u8], offset: u64, nowait: bool) -> Result<bool> {
         self.check_range(offset, buf.len() as u64)?;
         let bs = self.block_size;
         let mut done = 0usize;
@@ -309,7 +316,7 @@ impl Chain {
             let b = pos / bs;
             let in_block = pos % bs;
             let n = ((bs - in_block) as usize).min(buf.len() - done);
-            if !self.try_read_block(b, in_block, &mut buf[done..done + n])? {
+            if !self.read_block(b, in_block, &mut buf[done..done + n], nowait)? {
                 return Ok(false);
             }
             done += n;
@@ -317,26 +324,11 @@ impl Chain {
         Ok(true)
     }
 
-    /// [`Chain::resolve`] from cached bitmaps only; `None` if one is not cached.
-    fn try_resolve(&self, b: u64, s0: u32, s1: u32) -> Option<Vec<Run>> {
-        let mut bms: Vec<(usize, Arc<Bitmap>)> = Vec::new();
-        for l in self.sources(b) {
-            if let Some(bm) = self.layers[l].cached_presence(b)? {
-                let full = bm.is_full();
-                bms.push((l, bm));
-                if full {
-                    break;
-                }
-            }
-        }
-        Some(runs_of(&bms, s0, s1))
-    }
-
-    fn try_read_block(&self, b: u64, in_block: u64, out: &mut [u8]) -> Result<bool> {
+    fn read_block(&self, b: u64, in_block: u64, out: &mut [u8], nowait: bool) -> Result<bool> {
         let s0 = (in_block / SECTOR) as u32;
         let s1 = (in_block + out.len() as u64).div_ceil(SECTOR) as u32;
         let end = in_block + out.len() as u64;
-        let Some(runs) = self.try_resolve(b, s0, s1) else {
+        let Some(runs) = self.resolve_with(b, s0, s1, nowait)? else {
             return Ok(false);
         };
         for (rs, re, src) in runs {
@@ -344,31 +336,16 @@ impl Chain {
             let z = (re as u64 * SECTOR).min(end);
             let dst = &mut out[(a - in_block) as usize..(z - in_block) as usize];
             match src {
-                Some(l) => {
+                Some(l) if nowait => {
                     if !self.layers[l].try_read_data(b, a, dst)? {
                         return Ok(false);
                     }
                 }
-                None => dst.fill(0),
-            }
-        }
-        Ok(true)
-    }
-
-    fn read_block(&self, b: u64, in_block: u64, out: &mut [u8]) -> Result<()> {
-        let s0 = (in_block / SECTOR) as u32;
-        let s1 = (in_block + out.len() as u64).div_ceil(SECTOR) as u32;
-        let end = in_block + out.len() as u64;
-        for (rs, re, src) in self.resolve(b, s0, s1)? {
-            let a = (rs as u64 * SECTOR).max(in_block);
-            let z = (re as u64 * SECTOR).min(end);
-            let dst = &mut out[(a - in_block) as usize..(z - in_block) as usize];
-            match src {
                 Some(l) => self.layers[l].read_data(b, a, dst)?,
                 None => dst.fill(0),
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Writes `buf` at `offset` into the leaf, allocating blocks as needed. Unaligned edges
