@@ -41,6 +41,17 @@ pub enum ClientError {
     /// Finding the agent failed (no agent registered for the SR, xenstore unreachable…).
     #[error("cannot find the agent: {0}")]
     Lookup(String),
+    /// The agent's domain was destroyed or crashed while this client was connected to it
+    /// over vchan (seen through xenstore's `@releaseDomain`).
+    #[error(
+        "the agent's domain {domid} is gone (destroyed or crashed: xenstore fired @releaseDomain \
+         and /local/domain/{domid} was removed); calls to it cannot complete — find the SR's \
+         agent again (`ddstor xs lookup SR`) once the driver domain is restarted"
+    )]
+    PeerDomainGone {
+        /// The agent's domain.
+        domid: u16,
+    },
 }
 
 /// Result of client calls.
@@ -148,6 +159,8 @@ pub struct AgentClient {
     /// The lock held while this client owns its domain's vchan to the agent (see
     /// [`AgentClient::connect_vchan`]); released when the last clone is dropped.
     _turn: Option<Arc<std::fs::File>>,
+    /// Watches the agent's domain over vchan (see [`crate::peer_domain`]).
+    domain: Option<Arc<crate::peer_domain::DomainWatch>>,
     dbg_prefix: Arc<str>,
     seq: Arc<AtomicU64>,
 }
@@ -196,6 +209,7 @@ impl AgentClient {
         Ok(AgentClient {
             rpc,
             _turn: None,
+            domain: None,
             dbg_prefix: format!("ddstor-client-{}", std::process::id()).into(),
             seq: Arc::new(AtomicU64::new(1)),
         })
@@ -216,6 +230,11 @@ impl AgentClient {
     /// Clients of one domain take turns: with `turn_lock` (a file path every client of this
     /// domain agrees on), the client holds an exclusive lock on it from before reading the
     /// rendezvous until it is dropped, so two processes never map the same published ring.
+    ///
+    /// When the agent runs in another domain than dom0 or this one, the client watches that
+    /// domain through `xs` (`@releaseDomain`, see [`crate::peer_domain`]): once it is
+    /// destroyed, calls in flight and later ones fail at once with
+    /// [`ClientError::PeerDomainGone`].
     pub async fn connect_vchan(
         xs: &xs_registry::client::Xs,
         backend: &dyn transport::vchan::Backend,
@@ -243,9 +262,32 @@ impl AgentClient {
                 let stream =
                     VchanClient::connect(backend, &rendezvous, DomId(server), DomId(own), port)
                         .await?;
+                // dom0 cannot be destroyed while anything runs; any other agent domain can.
+                let domain = if server != own && server != 0 {
+                    match crate::peer_domain::DomainWatch::start(
+                        xs,
+                        server,
+                        stream.peer_gone_handle(),
+                    )
+                    .await
+                    {
+                        Ok(w) => Some(Arc::new(w)),
+                        Err(e) => {
+                            tracing::warn!(domid = server, error = %e,
+                                "cannot watch @releaseDomain: the agent's domain dying will only \
+                                 be seen at a call's timeout");
+                            None
+                        }
+                    }
+                } else {
+                    None
+                };
                 // A stale ring (its agent died) never answers the hello: bound the wait.
                 match tokio::time::timeout_at(deadline, Self::handshake(stream)).await {
-                    Ok(r) => r,
+                    Ok(r) => r.map(|mut c| {
+                        c.domain = domain;
+                        c
+                    }),
                     Err(_) => Err(ClientError::Transport(transport::Error::Vchan(
                         "the agent did not answer the hello on the published ring".into(),
                     ))),
@@ -277,7 +319,18 @@ impl AgentClient {
             let n = self.seq.fetch_add(1, Ordering::Relaxed);
             call.set_dbg(Dbg::new(format!("{}-{n}", self.dbg_prefix)));
         }
-        Ok(self.rpc.call(call).await??)
+        match self.rpc.call(call).await {
+            Ok(r) => Ok(r?),
+            Err(e) => Err(match &self.domain {
+                Some(w) if w.is_gone() => ClientError::PeerDomainGone { domid: w.domid() },
+                _ => e.into(),
+            }),
+        }
+    }
+
+    /// Whether the agent's domain was seen destroyed (vchan clients of another domain only).
+    pub fn peer_domain_gone(&self) -> bool {
+        self.domain.as_ref().is_some_and(|w| w.is_gone())
     }
 
     /// `Query.query`.

@@ -10,4 +10,5 @@ pub mod core;
 pub mod datapath;
 pub mod differencing;
 pub mod failpoint;
+pub mod peer_domain;
 pub mod server;

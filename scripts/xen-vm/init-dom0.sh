@@ -11,7 +11,7 @@ mount -t tmpfs tmpfs /run
 mount -t tmpfs tmpfs /tmp
 mkdir -p /run/xenstored /var/lib/xenstored /var/lib/xen /var/log/xen /run/xen /run/ddstor
 echo "xenvm: dom0 up at $(cut -d' ' -f1 /proc/uptime) s, kernel $(uname -r), hypervisor $(cat /sys/hypervisor/type 2>/dev/null) $(cat /sys/hypervisor/version/major 2>/dev/null).$(cat /sys/hypervisor/version/minor 2>/dev/null)"
-for m in xen-evtchn xen-gntalloc xen-gntdev xen-privcmd xenfs xen-blkback; do
+for m in xen-evtchn xen-gntalloc xen-gntdev xen-privcmd xenfs xen-blkback xen-blkfront nbd; do
   insmod /lib/modules/$m.ko || echo "xenvm: insmod $m FAILED"
 done
 mkdir -p /proc/xen

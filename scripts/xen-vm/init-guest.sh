@@ -11,8 +11,9 @@ mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /run
 mount -t tmpfs tmpfs /tmp
-mkdir -p /var/lib/ddstor /var/log
-for m in xen-evtchn xen-gntalloc xen-gntdev xen-privcmd xenfs; do
+mkdir -p /var/lib/ddstor /var/log /var/log/xen /var/lib/xen /run/xen
+# xen-blkback, loop and nbd: the guest can be the block backend of a dom0 disk (`xl devd`)
+for m in xen-evtchn xen-gntalloc xen-gntdev xen-privcmd xenfs xen-blkback loop nbd; do
   insmod /lib/modules/$m.ko || echo "xenvm-guest: insmod $m FAILED"
 done
 mkdir -p /proc/xen

@@ -68,3 +68,31 @@ ddstor_flow() {
   LAST_SR=$sr
 }
 
+
+# guest_exec DOM CMD: run the shell command CMD in driver domain DOM (whose job runs
+# guest_exec_loop) through xenstore (/local/domain/DOM/data/xenvm-exec); prints its output
+# (last 2000 bytes) and returns its exit status (124: no answer within GX_TIMEOUT s, 120).
+guest_exec() {
+  local dom=$1 k base rc; shift
+  k=$(($(cat /tmp/gx-seq-$dom 2>/dev/null || echo 0) + 1)); echo $k >/tmp/gx-seq-$dom
+  base=/local/domain/$dom/data/xenvm-exec
+  xenstore-write $base/cmd-$k "$*" || return 125
+  wait_for "${GX_TIMEOUT:-120}" xenstore-read $base/rc-$k || { echo "guest_exec: domain $dom did not answer: $*"; return 124; }
+  xenstore-read $base/out-$k
+  rc=$(xenstore-read $base/rc-$k)
+  return "$rc"
+}
+
+# guest_exec_loop (in a guest job): run the commands dom0 sends with guest_exec, in order, for
+# ever. Polls its own xenstore key every half second.
+guest_exec_loop() {
+  local k=1 base=data/xenvm-exec cmd out rc
+  while :; do
+    while ! xenstore-read $base/cmd-$k >/dev/null 2>&1; do sleep 0.5; done
+    cmd=$(xenstore-read $base/cmd-$k)
+    out=$(sh -c "$cmd" 2>&1); rc=$?
+    xenstore-write $base/out-$k "$(printf '%s' "$out" | tail -c 2000)"
+    xenstore-write $base/rc-$k "$rc"
+    k=$((k + 1))
+  done
+}

@@ -44,7 +44,8 @@ die() { # reason...: fail loudly, with the mandatory last line
 PKGS=(xen-hypervisor-4.17-amd64 xen-utils-4.17 xen-utils-common xenstore-utils
   libxenmisc4.17 libxenstore4 libxencall1 libxenevtchn1
   libxengnttab1 libxenforeignmemory1 libxendevicemodel1 libxentoolcore1 libxentoollog1
-  libxenhypfs1 libyajl2 busybox-static qemu-system-x86 qemu-system-common qemu-system-data seabios)
+  libxenhypfs1 libyajl2 busybox-static qemu-system-x86 qemu-system-common qemu-system-data seabios
+  nbd-client)
 
 kernel_pkg() {
   if [ -n "${XENVM_KERNEL:-}" ]; then echo "$XENVM_KERNEL"; return; fi
@@ -160,7 +161,7 @@ base_tree() { # TREE: busybox, libraries, modules, Xen tools, ddstor, tests
     [ -e "$tree/$a" ] || ln -s /bin/busybox "$tree/$a"
   done
   local m
-  for m in xen-evtchn xen-gntalloc xen-gntdev xen-privcmd xenfs/xenfs xen-blkback/xen-blkback; do
+  for m in xen-evtchn xen-gntalloc xen-gntdev xen-privcmd xenfs/xenfs xen-blkback/xen-blkback xen-blkfront loop nbd; do
     local f; f=$(ls "$XROOT/lib/modules/$KVER/kernel/drivers/xen/$m.ko"* \
       "$XROOT/lib/modules/$KVER/kernel/drivers/block/$m.ko"* 2>/dev/null | head -1)
     [ -n "$f" ] || die "kernel module $m not found in $KVER"
@@ -201,6 +202,8 @@ assemble() {
   cp "$HERE/init-guest.sh" "$g/init"; chmod +x "$g/init"
   mkdir -p "$g/xenvm/guest.d"
   for t in "$HERE"/guest.d/*; do [ -e "$t" ] && cp "$t" "$g/xenvm/guest.d/" && chmod +x "$g/xenvm/guest.d/$(basename "$t")"; done
+  # the driver domain connects /dev/nbdN to its agent's NBD exports (busybox has no nbd-client)
+  copy_bin "$XROOT/sbin/nbd-client" /sbin/nbd-client "$g"
   mkcpio "$g" "$WORK/guest.img"
   # dom0
   local d=$WORK/dom0-initrd
@@ -238,7 +241,7 @@ boot() {
     -kernel "$WORK/xen" \
     -append "console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M loglvl=warning guest_loglvl=warning smap=0 ${XENVM_XEN_ARGS:-}" \
     -initrd "$VMLINUZ console=hvc0 loglevel=4,$WORK/dom0.img" \
-    <"$stdin" 2>&1 | tr -d '\r' | tee "$LOG" | grep --line-buffered -a -E '^XENVM|^xenvm' >&2
+    <"$stdin" 2>&1 | stdbuf -oL tr -d '\r' | tee "$LOG" | grep --line-buffered -a -E '^XENVM|^xenvm' >&2
   local rc=${PIPESTATUS[0]}
   say "qemu exited rc=$rc after $((SECONDS - tb)) s"
   QEMU_RC=$rc

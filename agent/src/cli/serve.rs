@@ -449,10 +449,14 @@ async fn start_vchan(
             "vchan listening"
         );
         let mut rx = stop.clone();
+        // dom0 (and our own domain) cannot die while the agent lives; any other client
+        // domain is watched so that its destruction frees the listener at once.
+        let watch = (client != me && client != 0).then(|| xs.clone());
         handles.push(tokio::spawn(server::run_vchan_listener(
             server.clone(),
             listener,
             client,
+            watch,
             async move {
                 let _ = rx.wait_for(|s| *s).await;
             },

@@ -449,10 +449,18 @@ pub async fn run_unix_listener(
 /// at a time, as libxenvchan; the client pipelines its calls over it. A ring published but
 /// not connected when `stop` resolves leaves its rendezvous keys behind: the caller removes
 /// them (`Rendezvous::remove`).
+///
+/// With `watch_client` (a xenstore connection), each accepted connection is tied to the client
+/// domain's life: when that domain is destroyed (`@releaseDomain`, see
+/// [`crate::peer_domain`]) the connection is dropped at once and the listener publishes a new
+/// ring; without it a dead client domain's connection would hold the listener for ever (a
+/// destroyed domain never clears its live byte). Pass `None` for dom0, which cannot die while
+/// the agent lives.
 pub async fn run_vchan_listener(
     server: Server,
     listener: transport::vchan::VchanServer,
     client: u16,
+    watch_client: Option<xs_registry::client::Xs>,
     stop: impl Future<Output = ()>,
 ) {
     tokio::pin!(stop);
@@ -470,6 +478,22 @@ pub async fn run_vchan_listener(
                 }
             }
         };
+        let watch = match &watch_client {
+            Some(xs) => {
+                match crate::peer_domain::DomainWatch::start(xs, client, stream.peer_gone_handle())
+                    .await
+                {
+                    Ok(w) => Some(w),
+                    Err(e) => {
+                        tracing::warn!(client, error = %e,
+                            "cannot watch @releaseDomain: if this client's domain dies, its \
+                             connection is only dropped by the ring's stall timeout");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
         let mut conn =
             server.spawn_connection(stream, Transport::Vchan, format!("vchan dom{client}"));
         tokio::select! {
@@ -477,6 +501,12 @@ pub async fn run_vchan_listener(
             // while the server stops) and it ends when the process does.
             _ = &mut stop => break,
             _ = &mut conn => {}
+        }
+        if watch.as_ref().is_some_and(|w| w.is_gone()) {
+            tracing::info!(
+                client,
+                "the client's domain is gone: its connection was dropped; listening again"
+            );
         }
     }
     tracing::info!(client, "vchan listener closed");

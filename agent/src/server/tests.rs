@@ -5,6 +5,7 @@ use super::*;
 use crate::client::{AgentClient, ClientError};
 use interface::{QueryResult, VdiId};
 use std::sync::Mutex;
+use xs_registry::client::Xs;
 
 /// Answers Query.query, SR.list, and VDI.stat (after sleeping `sleep_ms` = the vdi name as a
 /// number, to make slow calls); panics on VDI.destroy.
@@ -186,4 +187,137 @@ async fn garbage_on_one_connection_does_not_disturb_another() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(good.query().await.unwrap().driver, "fake");
+}
+
+/// A test xenstored with `doms` introduced, and a dom0 connection to it.
+async fn xenstored(doms: &[u16]) -> (tempfile::TempDir, xs_registry::server::Server, Xs) {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("xs.sock");
+    let srv = xs_registry::server::Server::start(
+        &sock,
+        xs_registry::server::ServerOptions {
+            domains: doms.iter().map(|&d| xs_registry::DomId(d)).collect(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let xs = Xs::connect(&sock).await.unwrap();
+    (dir, srv, xs)
+}
+
+/// Serves the fake engine over vchan (in-memory grants, rendezvous in `xs`) as domain
+/// `me` for client domain `client`, watching the client's domain when `watch`.
+fn vchan_agent(
+    xs: &Xs,
+    xen: Arc<dyn transport::vchan::Backend>,
+    me: u16,
+    client: u16,
+    watch: bool,
+) -> tokio::sync::oneshot::Sender<()> {
+    use transport::vchan::{DomId, VchanServer};
+    let server = Server::new(Arc::new(Fake::default()), 1 << 20, 64);
+    let rz = Arc::new(xs_registry::rendezvous::XsRendezvous::new(xs.clone()));
+    let listener =
+        VchanServer::new(xen, rz, DomId(me), DomId(client), "ddstor", 4096, 4096).unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(run_vchan_listener(
+        server,
+        listener,
+        client,
+        watch.then(|| xs.clone()),
+        async {
+            let _ = rx.await;
+        },
+    ));
+    tx
+}
+
+#[tokio::test]
+async fn vchan_calls_fail_at_once_when_the_agents_domain_is_destroyed() {
+    let (_dir, _xsd, xs) = xenstored(&[7]).await;
+    let xen: Arc<dyn transport::vchan::Backend> = Arc::new(transport::vchan::mem::MemXen::new());
+    let _stop = vchan_agent(&xs, xen.clone(), 7, 0, false);
+    let client =
+        AgentClient::connect_vchan(&xs, &*xen, 0, 7, "ddstor", Duration::from_secs(10), None)
+            .await
+            .unwrap();
+    assert_eq!(client.query().await.unwrap().driver, "fake");
+    // A call that would take a minute is in flight when the agent's domain is destroyed.
+    let c2 = client.clone();
+    let slow = tokio::spawn(async move { c2.call(stat(60_000)).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t0 = std::time::Instant::now();
+    xs.release_domain(xs_registry::DomId(7)).await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(5), slow)
+        .await
+        .expect("the call ends when the domain goes, not at its end")
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(err, ClientError::PeerDomainGone { domid: 7 }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("domain 7 is gone"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert!(client.peer_domain_gone());
+    let later = client.query().await.unwrap_err();
+    assert!(
+        matches!(later, ClientError::PeerDomainGone { domid: 7 }),
+        "{later}"
+    );
+}
+
+#[tokio::test]
+async fn the_vchan_listener_drops_a_destroyed_client_domain_and_listens_again() {
+    let (_dir, _xsd, xs) = xenstored(&[5]).await;
+    let xen: Arc<dyn transport::vchan::Backend> = Arc::new(transport::vchan::mem::MemXen::new());
+    let _stop = vchan_agent(&xs, xen.clone(), 0, 5, true);
+    let key = "/local/domain/0/data/vchan/5/ddstor/event-channel";
+    let client =
+        AgentClient::connect_vchan(&xs, &*xen, 5, 0, "ddstor", Duration::from_secs(10), None)
+            .await
+            .unwrap();
+    assert_eq!(client.query().await.unwrap().driver, "fake");
+    assert_eq!(
+        xs.read_opt(key).await.unwrap(),
+        None,
+        "the ring is taken: nothing published while the client is connected"
+    );
+    xs.release_domain(xs_registry::DomId(5)).await.unwrap();
+    let t0 = std::time::Instant::now();
+    while xs.read_opt(key).await.unwrap().is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the listener did not publish a new ring after the client's domain went"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The client in the "destroyed" domain (still running here) sees its ring closed.
+    let err = tokio::time::timeout(Duration::from_secs(5), client.query())
+        .await
+        .expect("the dropped connection ends the client's calls")
+        .unwrap_err();
+    assert!(matches!(err, ClientError::Transport(_)), "{err}");
+}
+
+#[tokio::test]
+async fn without_a_watch_a_destroyed_client_domain_keeps_the_listener() {
+    // The control for the test above: the ring alone cannot tell that a domain died.
+    let (_dir, _xsd, xs) = xenstored(&[5]).await;
+    let xen: Arc<dyn transport::vchan::Backend> = Arc::new(transport::vchan::mem::MemXen::new());
+    let _stop = vchan_agent(&xs, xen.clone(), 0, 5, false);
+    let client =
+        AgentClient::connect_vchan(&xs, &*xen, 5, 0, "ddstor", Duration::from_secs(10), None)
+            .await
+            .unwrap();
+    assert_eq!(client.query().await.unwrap().driver, "fake");
+    xs.release_domain(xs_registry::DomId(5)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let key = "/local/domain/0/data/vchan/5/ddstor/event-channel";
+    assert_eq!(xs.read_opt(key).await.unwrap(), None);
+    assert_eq!(
+        client.query().await.unwrap().driver,
+        "fake",
+        "still connected"
+    );
 }
