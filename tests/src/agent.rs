@@ -1,7 +1,7 @@
 //! `ddstor serve` as a child process, and `ddstor call` as the client, for the agent's
 //! end-to-end tests (`tests/tests/agent_*.rs`).
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -324,6 +324,31 @@ impl Agent {
                 (name, e.get(1).cloned().unwrap_or(Value::Null))
             }
         }
+    }
+
+    /// SR.create then SR.attach of a new SR; returns its uuid and directory.
+    pub fn create_attached_sr(&self) -> (String, PathBuf) {
+        let sr = new_uuid();
+        let created = self.ok("SR.create", json!({ "sr": sr }));
+        let dir = PathBuf::from(
+            created["path"]
+                .as_str()
+                .unwrap_or_else(|| panic!("SR.create answered without a path: {created}")),
+        );
+        self.ok("SR.attach", json!({ "sr": sr }));
+        (sr, dir)
+    }
+
+    /// VDI.create of a `size`-byte VDI labelled `label` in `sr`; returns its uuid.
+    pub fn create_vdi(&self, sr: &str, label: &str, size: u64) -> String {
+        let v = self.ok(
+            "VDI.create",
+            json!({"sr": sr, "vdi_info": {"name_label": label, "virtual_size": size}}),
+        );
+        v["vdi"]
+            .as_str()
+            .unwrap_or_else(|| panic!("VDI.create answered without a vdi: {v}"))
+            .to_string()
     }
 
     /// Sends a signal (`TERM`, `KILL`, `INT`…) to the agent.

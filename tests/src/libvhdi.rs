@@ -60,11 +60,27 @@ impl VhdiMount {
     pub fn leaf_view(&self) -> PathBuf {
         self.layers().pop().expect("vhdimount exposes vhdiN files")
     }
+
+    /// The bytes of the leaf's flattened view (what libvhdi reads from the whole chain).
+    pub fn read_leaf(&self) -> Vec<u8> {
+        let leaf = self.leaf_view();
+        std::fs::read(&leaf).unwrap_or_else(|e| panic!("reading {}: {e}", leaf.display()))
+    }
 }
 
 impl Drop for VhdiMount {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.mnt).status();
+        let ok = Command::new("umount")
+            .arg(&self.mnt)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            // Unprivileged FUSE mounts are released through fusermount3.
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg(&self.mnt)
+                .status();
+        }
     }
 }
 

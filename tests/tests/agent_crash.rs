@@ -8,7 +8,7 @@
 //!   `vhdimount`);
 //! - the SR stays usable.
 
-use ddstor_e2e::agent::{new_uuid, read_with_vhdimount, Agent, AgentOptions};
+use ddstor_e2e::agent::{read_with_vhdimount, Agent, AgentOptions};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::os::unix::process::ExitStatusExt;
@@ -205,20 +205,8 @@ fn crash_at(fp: &str, seed: u8) {
     let root = tempfile::tempdir().unwrap();
     // Set-up without failpoints: an SR with one VDI holding known data.
     let mut a = Agent::start(root.path(), &AgentOptions::default());
-    let sr = new_uuid();
-    let sr_dir = PathBuf::from(
-        a.ok("SR.create", json!({"sr": sr}))["path"]
-            .as_str()
-            .unwrap(),
-    );
-    a.ok("SR.attach", json!({"sr": sr}));
-    let v0 = a.ok(
-        "VDI.create",
-        json!({"sr": sr, "vdi_info": {"name_label": "v0", "virtual_size": SIZE}}),
-    )["vdi"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (sr, sr_dir) = a.create_attached_sr();
+    let v0 = a.create_vdi(&sr, "v0", SIZE);
     assert!(a.terminate().success());
     {
         let c = vhd::Chain::open(

@@ -5,9 +5,10 @@
 //! Writes are 4 KiB-aligned (libvhdi 20210425 mis-reads pages a child holds only partly; see
 //! vhd_libvhdi.rs).
 
+use ddstor_e2e::libvhdi::VhdiMount;
 use ddstor_e2e::{bin, require_tool};
 use rand::{Rng, SeedableRng};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -24,59 +25,9 @@ fn ddstor(args: &[&str]) -> Output {
     out
 }
 
-/// A vhdimount mount point, unmounted on drop.
-struct Mount(PathBuf);
-
-impl Mount {
-    fn new(image: &Path, at: &Path) -> Mount {
-        std::fs::create_dir_all(at).unwrap();
-        let out = Command::new("vhdimount")
-            .arg(image)
-            .arg(at)
-            .output()
-            .expect("spawn vhdimount");
-        assert!(
-            out.status.success(),
-            "vhdimount failed (needs fuse3 and /dev/fuse): {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Mount(at.to_path_buf())
-    }
-    /// The leaf's flattened view: vhdimount exposes one file per layer, `vhdi1` the base and
-    /// the highest-numbered one the leaf.
-    fn read(&self) -> Vec<u8> {
-        let n = std::fs::read_dir(&self.0)
-            .unwrap()
-            .filter_map(|e| {
-                e.unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .strip_prefix("vhdi")
-                    .and_then(|n| n.parse::<u32>().ok())
-            })
-            .max()
-            .expect("vhdimount exposes vhdiN files");
-        std::fs::read(self.0.join(format!("vhdi{n}"))).expect("read the leaf view")
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(&self.0)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let _ = Command::new("fusermount3").arg("-u").arg(&self.0).status();
-        }
-    }
-}
-
 /// What libvhdi reads from the chain whose leaf is `image`.
 fn libvhdi_read(image: &Path, scratch: &Path) -> Vec<u8> {
-    let m = Mount::new(image, scratch);
-    m.read()
+    VhdiMount::new(image, scratch).read_leaf()
 }
 
 /// Writes `n` random 4 KiB-aligned extents of up to `max` bytes into `image` via the CLI.

@@ -5,9 +5,9 @@
 //! too), while the VHD bitmap semantics — and this engine — take each absent sector from the
 //! parent. Sector-granular correctness is proven by the unit/property tests instead.
 
+use ddstor_e2e::libvhdi::VhdiMount;
 use ddstor_e2e::{bin, require_tool};
 use rand::{Rng, SeedableRng};
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn ddstor(args: &[&str]) -> Output {
@@ -21,39 +21,6 @@ fn ddstor(args: &[&str]) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-/// A vhdimount mount point, unmounted on drop.
-struct Mount(PathBuf);
-
-impl Mount {
-    fn new(image: &Path, at: &Path) -> Mount {
-        std::fs::create_dir_all(at).unwrap();
-        let out = Command::new("vhdimount")
-            .arg(image)
-            .arg(at)
-            .output()
-            .expect("spawn vhdimount");
-        assert!(
-            out.status.success(),
-            "vhdimount failed (needs fuse3 and /dev/fuse): {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Mount(at.to_path_buf())
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(&self.0)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let _ = Command::new("fusermount3").arg("-u").arg(&self.0).status();
-        }
-    }
 }
 
 #[test]
@@ -123,19 +90,15 @@ fn deep_chain_with_writes_at_every_layer_reads_identically_in_libvhdi() {
         ]);
     }
     let mnt = d.path().join("mnt");
-    let m = Mount::new(&leaf, &mnt);
-    let mut entries: Vec<String> = std::fs::read_dir(&m.0)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    entries.sort_by_key(|n| n.trim_start_matches("vhdi").parse::<u32>().unwrap_or(0));
+    let m = VhdiMount::new(&leaf, &mnt);
+    let layers = m.layers();
     assert_eq!(
-        entries.len(),
+        layers.len(),
         depth,
-        "vhdimount exposes one file per layer: {entries:?}"
+        "vhdimount exposes one file per layer: {layers:?}"
     );
     // The highest-numbered file is the leaf's flattened view.
-    let leaf_view = std::fs::read(m.0.join(entries.last().unwrap())).unwrap();
+    let leaf_view = m.read_leaf();
     assert_eq!(leaf_view.len() as u64, size);
     let first_diff = leaf_view.iter().zip(&model).position(|(a, b)| a != b);
     assert!(

@@ -20,9 +20,12 @@
 //! [`DEFAULT_SOCKET`] if it exists, else [`XENBUS_DEVICE`]. [`Xs::connect`] takes an explicit
 //! path and classifies it the same way.
 //!
-//! One connection task pair per [`Xs`] (a reader and a writer task); every clone shares it.
-//! A caller's future dropped half-way never corrupts the stream: messages are written whole by
-//! the writer task, and a reply nobody waits for any more is discarded.
+//! One reader task per [`Xs`]; every clone shares it. Callers write their requests themselves:
+//! a caller takes the connection's write lock and writes the whole message without awaiting
+//! when the stream accepts it (the common case: no task hop on the way out); only when the
+//! stream is full does a spawned task, owning the lock, finish that message. So a caller's
+//! future dropped half-way never leaves half a message on the stream, and a reply nobody waits
+//! for any more is discarded.
 
 use crate::store::Perm;
 use crate::wire::{self, encode_msg, Header, MsgType, XsErrno, HEADER_LEN, PAYLOAD_MAX};
@@ -40,7 +43,7 @@ use std::task::{Context, Poll};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 /// Default xenstored socket when `XENSTORED_PATH` is not set.
 pub const DEFAULT_SOCKET: &str = "/run/xenstored/socket";
@@ -143,7 +146,8 @@ impl Shared {
 struct Conn {
     endpoint: Endpoint,
     shared: Arc<Shared>,
-    out: mpsc::UnboundedSender<Vec<u8>>,
+    /// The write side; its lock orders whole messages.
+    writer: Arc<tokio::sync::Mutex<Writer>>,
     /// Xenbus mode: a single permit (one request in flight).
     gate: Option<Arc<Semaphore>>,
     next_req: AtomicU32,
@@ -153,7 +157,7 @@ struct Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        // The writer task ends by itself when `out` is dropped.
+        // Dropping the socket's write half (with the writer) shuts it down.
         self.reader.abort();
     }
 }
@@ -212,6 +216,25 @@ impl Writer {
             Writer::Device(f) => device_write_all(f, m).await,
         }
     }
+
+    /// Writes as much of `m` as the stream takes without waiting; returns how much that was.
+    fn write_now(&mut self, m: &[u8]) -> std::io::Result<usize> {
+        let mut done = 0;
+        while done < m.len() {
+            let r = match self {
+                Writer::Socket(s) => s.try_write(&m[done..]),
+                Writer::Device(f) => f.get_ref().write(&m[done..]),
+            };
+            match r {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }
 }
 
 async fn read_loop(rd: impl AsyncRead + Unpin, shared: Arc<Shared>) {
@@ -265,18 +288,6 @@ fn deliver_event(shared: &Shared, body: &[u8]) {
     }
 }
 
-async fn write_loop(mut w: Writer, mut rx: mpsc::UnboundedReceiver<Vec<u8>>, shared: Arc<Shared>) {
-    while let Some(m) = rx.recv().await {
-        if let Err(e) = w.write_msg(&m).await {
-            shared.close(format!("writing to xenstored: {e}"));
-            return;
-        }
-    }
-    if let Writer::Socket(mut s) = w {
-        let _ = s.shutdown().await;
-    }
-}
-
 impl Conn {
     fn start(
         endpoint: Endpoint,
@@ -287,13 +298,11 @@ impl Conn {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
         });
-        let (out, rx) = mpsc::unbounded_channel();
         let reader = tokio::spawn(read_loop(rd, shared.clone()));
-        tokio::spawn(write_loop(w, rx, shared.clone()));
         Conn {
             endpoint,
             shared,
-            out,
+            writer: Arc::new(tokio::sync::Mutex::new(w)),
             gate: one_at_a_time.then(|| Arc::new(Semaphore::new(1))),
             next_req: AtomicU32::new(1),
             next_token: AtomicU64::new(1),
@@ -348,6 +357,27 @@ impl Conn {
         }
     }
 
+    /// Puts one whole message on the stream, in the order callers took the write lock. A write
+    /// error closes the connection (every waiting caller then fails with the reason).
+    async fn send(&self, msg: Vec<u8>) {
+        // Cancel-safe: nothing is written until the lock is held, and from then on no await.
+        let mut w = self.writer.clone().lock_owned().await;
+        match w.write_now(&msg) {
+            Ok(n) if n == msg.len() => {}
+            Ok(n) => {
+                // The stream is full: finish this message in a task that keeps the lock, so
+                // the caller may give up without leaving half a message behind.
+                let shared = self.shared.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = w.write_msg(&msg[n..]).await {
+                        shared.close(format!("writing to xenstored: {e}"));
+                    }
+                });
+            }
+            Err(e) => self.shared.close(format!("writing to xenstored: {e}")),
+        }
+    }
+
     fn closed_err(&self, op: &str, what: &str) -> Error {
         let why = self
             .shared
@@ -395,10 +425,7 @@ impl Conn {
                 },
             );
         }
-        if self.out.send(encode_msg(ty, req, tx, payload)).is_err() {
-            self.shared.lock().pending.remove(&req);
-            return Err(self.closed_err(op, what));
-        }
+        self.send(encode_msg(ty, req, tx, payload)).await;
         let r = reply_rx.await.map_err(|_| self.closed_err(op, what))?;
         if r.ty == MsgType::Error as u32 {
             return Err(Error::Xs {

@@ -620,11 +620,13 @@ impl Registry {
     }
 
     /// A stream of agents appearing, changing and leaving. Starts with `Appeared` for every
-    /// live agent. Uses its own connection; heartbeats are re-checked every `stale_after / 3`.
+    /// live agent. Watches on this registry's own connection (its events are queued without
+    /// bound, so the rescans' reads share it), which also works on a xenbus device handle;
+    /// heartbeats are re-checked every `stale_after / 3`.
     pub async fn watch(
         &self,
     ) -> Result<impl Stream<Item = RegistryEvent> + Send + Unpin + 'static> {
-        let conn = self.xs.reconnect().await?;
+        let conn = self.xs.clone();
         let mut w_dom = conn.watch("/local/domain").await?;
         let mut w_rel = conn.watch("@releaseDomain").await?;
         let me = Registry {

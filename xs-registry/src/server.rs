@@ -352,16 +352,7 @@ impl Inner {
         events: &mut Vec<Event>,
         initial: &mut Option<Vec<u8>>,
     ) -> Result<Vec<u8>, XsErrno> {
-        let a = &req.args;
-        let arg = |i: usize| a.get(i).map(Vec::as_slice).ok_or(XsErrno::EINVAL);
-        let nargs = |n: usize| {
-            if a.len() == n {
-                Ok(())
-            } else {
-                Err(XsErrno::EINVAL)
-            }
-        };
-        let path = |allow_special| canonicalize(dom, arg(0)?, allow_special);
+        let args = Args { a: &req.args, dom };
         if let Some(r) = apply_node_op(&mut st.store, cid, dom, &req, events) {
             return r;
         }
@@ -369,9 +360,9 @@ impl Inner {
         let s = &mut st.store;
         match req.ty {
             MsgType::Watch => {
-                nargs(2)?;
-                let abs = path(true)?;
-                let token = arg(1)?.to_vec();
+                args.nargs(2)?;
+                let abs = args.path(true)?;
+                let token = args.arg(1)?.to_vec();
                 let limit = s.limits.max_watches_per_conn;
                 let c = st.conns.get_mut(&cid).ok_or(XsErrno::EIO)?;
                 if c.watches.iter().any(|w| w.abs == abs && w.token == token) {
@@ -380,7 +371,7 @@ impl Inner {
                 if c.watches.len() >= limit {
                     return Err(XsErrno::E2BIG);
                 }
-                let given = arg(0)?.to_vec();
+                let given = args.arg(0)?.to_vec();
                 let relative = !given.starts_with(b"/") && !given.starts_with(b"@");
                 // The watch fires once up front, right after the acknowledgement.
                 let mut p = given.clone();
@@ -397,9 +388,9 @@ impl Inner {
                 Ok(ok())
             }
             MsgType::Unwatch => {
-                nargs(2)?;
-                let abs = path(true)?;
-                let token = arg(1)?;
+                args.nargs(2)?;
+                let abs = args.path(true)?;
+                let token = args.arg(1)?;
                 let c = st.conns.get_mut(&cid).ok_or(XsErrno::EIO)?;
                 let i = c
                     .watches
@@ -426,13 +417,13 @@ impl Inner {
             | MsgType::TransactionStart
             | MsgType::TransactionEnd => Err(XsErrno::EINVAL),
             MsgType::GetDomainPath => {
-                nargs(1)?;
-                let d = DomId(parse_num(arg(0)?)?);
+                args.nargs(1)?;
+                let d = DomId(parse_num(args.arg(0)?)?);
                 Ok(format!("{}\0", domain_path(d)).into_bytes())
             }
             MsgType::IsDomainIntroduced => {
-                nargs(1)?;
-                let d = DomId(parse_num(arg(0)?)?);
+                args.nargs(1)?;
+                let d = DomId(parse_num(args.arg(0)?)?);
                 Ok(if s.is_introduced(d) {
                     b"T\0".to_vec()
                 } else {
@@ -443,10 +434,10 @@ impl Inner {
                 if !dom.is_privileged() {
                     return Err(XsErrno::EACCES);
                 }
-                if a.len() < 3 {
+                if args.a.len() < 3 {
                     return Err(XsErrno::EINVAL);
                 }
-                let d = DomId(parse_num(arg(0)?)?);
+                let d = DomId(parse_num(args.arg(0)?)?);
                 if d.is_privileged() {
                     return Err(XsErrno::EINVAL);
                 }
@@ -457,8 +448,8 @@ impl Inner {
                 if !dom.is_privileged() {
                     return Err(XsErrno::EACCES);
                 }
-                nargs(1)?;
-                let d = DomId(parse_num(arg(0)?)?);
+                args.nargs(1)?;
+                let d = DomId(parse_num(args.arg(0)?)?);
                 self.release(st, d)?;
                 Ok(ok())
             }
@@ -466,8 +457,8 @@ impl Inner {
                 if !dom.is_privileged() {
                     return Err(XsErrno::EACCES);
                 }
-                nargs(1)?;
-                let d = DomId(parse_num(arg(0)?)?);
+                args.nargs(1)?;
+                let d = DomId(parse_num(args.arg(0)?)?);
                 if s.is_introduced(d) {
                     Ok(ok())
                 } else {
@@ -492,49 +483,40 @@ pub fn apply_node_op(
     events: &mut Vec<Event>,
 ) -> Option<Result<Vec<u8>, XsErrno>> {
     let tx = req.tx_id;
-    let a = &req.args;
-    let arg = |i: usize| a.get(i).map(Vec::as_slice).ok_or(XsErrno::EINVAL);
-    let nargs = |n: usize| {
-        if a.len() == n {
-            Ok(())
-        } else {
-            Err(XsErrno::EINVAL)
-        }
-    };
-    let path = |allow_special| canonicalize(dom, arg(0)?, allow_special);
+    let args = Args { a: &req.args, dom };
     let ok = || b"OK\0".to_vec();
     let r = (|| match req.ty {
         MsgType::Read => {
-            nargs(1)?;
-            s.read(cid, dom, tx, &path(false)?)
+            args.nargs(1)?;
+            s.read(cid, dom, tx, &args.path(false)?)
         }
         MsgType::Write => {
-            nargs(2)?;
-            *events = s.write(cid, dom, tx, &path(false)?, arg(1)?)?;
+            args.nargs(2)?;
+            *events = s.write(cid, dom, tx, &args.path(false)?, args.arg(1)?)?;
             Ok(ok())
         }
         MsgType::Mkdir => {
-            nargs(1)?;
-            *events = s.mkdir(cid, dom, tx, &path(false)?)?;
+            args.nargs(1)?;
+            *events = s.mkdir(cid, dom, tx, &args.path(false)?)?;
             Ok(ok())
         }
         MsgType::Rm => {
-            nargs(1)?;
-            *events = s.rm(cid, dom, tx, &path(false)?)?;
+            args.nargs(1)?;
+            *events = s.rm(cid, dom, tx, &args.path(false)?)?;
             Ok(ok())
         }
         MsgType::Directory => {
-            nargs(1)?;
-            let out = nul_list(&s.directory(cid, dom, tx, &path(false)?)?);
+            args.nargs(1)?;
+            let out = nul_list(&s.directory(cid, dom, tx, &args.path(false)?)?);
             if out.len() > PAYLOAD_MAX {
                 return Err(XsErrno::E2BIG);
             }
             Ok(out)
         }
         MsgType::DirectoryPart => {
-            nargs(2)?;
-            let off: usize = parse_num(arg(1)?)?;
-            let (gen, children) = s.directory_gen(cid, dom, tx, &path(false)?)?;
+            args.nargs(2)?;
+            let off: usize = parse_num(args.arg(1)?)?;
+            let (gen, children) = s.directory_gen(cid, dom, tx, &args.path(false)?)?;
             let all = nul_list(&children);
             if off > all.len() {
                 return Err(XsErrno::EINVAL);
@@ -556,21 +538,21 @@ pub fn apply_node_op(
             Ok(out)
         }
         MsgType::GetPerms => {
-            nargs(1)?;
-            let perms = s.get_perms(cid, dom, tx, &path(true)?)?;
+            args.nargs(1)?;
+            let perms = s.get_perms(cid, dom, tx, &args.path(true)?)?;
             Ok(nul_list(
                 &perms.iter().map(Perm::to_wire).collect::<Vec<_>>(),
             ))
         }
         MsgType::SetPerms => {
-            if a.len() < 2 {
+            if args.a.len() < 2 {
                 return Err(XsErrno::EINVAL);
             }
-            let perms = a[1..]
+            let perms = args.a[1..]
                 .iter()
                 .map(|p| Perm::parse(p).ok_or(XsErrno::EINVAL))
                 .collect::<Result<Vec<_>, _>>()?;
-            *events = s.set_perms(cid, dom, tx, &path(true)?, perms)?;
+            *events = s.set_perms(cid, dom, tx, &args.path(true)?, perms)?;
             Ok(ok())
         }
         MsgType::TransactionStart => {
@@ -580,8 +562,8 @@ pub fn apply_node_op(
             Ok(format!("{}\0", s.tx_start(cid)?).into_bytes())
         }
         MsgType::TransactionEnd => {
-            nargs(1)?;
-            let commit = match arg(0)? {
+            args.nargs(1)?;
+            let commit = match args.arg(0)? {
                 b"T" => true,
                 b"F" => false,
                 _ => return Err(XsErrno::EINVAL),
@@ -603,6 +585,33 @@ pub fn apply_node_op(
         | MsgType::TransactionStart
         | MsgType::TransactionEnd => Some(r),
         _ => None,
+    }
+}
+
+/// A request's arguments, read by the handlers of a caller acting as `dom`.
+struct Args<'a> {
+    a: &'a [Vec<u8>],
+    dom: DomId,
+}
+
+impl<'a> Args<'a> {
+    /// Argument `i` (EINVAL when missing).
+    fn arg(&self, i: usize) -> Result<&'a [u8], XsErrno> {
+        self.a.get(i).map(Vec::as_slice).ok_or(XsErrno::EINVAL)
+    }
+
+    /// EINVAL unless there are exactly `n` arguments.
+    fn nargs(&self, n: usize) -> Result<(), XsErrno> {
+        if self.a.len() == n {
+            Ok(())
+        } else {
+            Err(XsErrno::EINVAL)
+        }
+    }
+
+    /// The first argument as an absolute path (`@` watch paths only if `allow_special`).
+    fn path(&self, allow_special: bool) -> Result<String, XsErrno> {
+        canonicalize(self.dom, self.arg(0)?, allow_special)
     }
 }
 

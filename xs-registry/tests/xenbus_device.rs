@@ -7,7 +7,7 @@
 //! slave — a real character device, so [`Xs::connect`] picks xenbus mode from the path alone.
 
 use ddstor_xs_registry::client::{Endpoint, Xs};
-use ddstor_xs_registry::registry::{Registered, Registration, Registry};
+use ddstor_xs_registry::registry::{Registered, Registration, Registry, RegistryEvent};
 use ddstor_xs_registry::rendezvous::XsRendezvous;
 use ddstor_xs_registry::server::{Server, ServerOptions};
 use ddstor_xs_registry::wire::{Header, MsgType, HEADER_LEN};
@@ -209,6 +209,59 @@ async fn a_guest_agent_registers_and_publishes_a_rendezvous_over_xenbus() {
     r.deregister().await.unwrap();
     assert!(dom0_has_no_entry(&env).await);
     assert_eq!(stats.overlapped.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_watch_runs_on_one_xenbus_device_handle() {
+    let env = Env::new();
+    // The watcher has nothing but a device handle (no socket to open a second connection on).
+    let (dev, stats) = env.guest(0);
+    let registry = Registry::new(dev.clone());
+    let mut w = registry.watch().await.unwrap();
+    let agent = Xs::connect(&env.server.introduce_domain(DomId(9)).unwrap())
+        .await
+        .unwrap();
+    let reg = Registration {
+        agent: "ddstor test".into(),
+        interfaces: vec!["core".into()],
+        vchan_port: "ddstor".into(),
+        unix_path: None,
+        srs: vec!["sr-w".into()],
+        load: 0,
+    };
+    let r = Registered::register(&agent, &reg).await.unwrap();
+    match next_event(&mut w).await {
+        RegistryEvent::Appeared(a) => assert_eq!(a.domid, DomId(9)),
+        e => panic!("expected Appeared, got {e:?}"),
+    }
+    // The same handle keeps answering ordinary requests while the watch is live.
+    assert_eq!(
+        registry.lookup("sr-w", None).await.unwrap().unwrap().domid,
+        DomId(9)
+    );
+    r.set_load(4).await.unwrap();
+    match next_event(&mut w).await {
+        RegistryEvent::Changed(a) => assert_eq!(a.load, 4),
+        e => panic!("expected Changed, got {e:?}"),
+    }
+    r.deregister().await.unwrap();
+    match next_event(&mut w).await {
+        RegistryEvent::Left { domid, .. } => assert_eq!(domid, DomId(9)),
+        e => panic!("expected Left, got {e:?}"),
+    }
+    assert!(stats.events.load(Ordering::SeqCst) >= 3);
+    assert_eq!(
+        stats.overlapped.load(Ordering::SeqCst),
+        0,
+        "a request was written to the device before the previous one was answered"
+    );
+}
+
+async fn next_event<S: futures::Stream<Item = RegistryEvent> + Unpin>(w: &mut S) -> RegistryEvent {
+    tokio::time::timeout(Duration::from_secs(10), w.next())
+        .await
+        .expect("a registry event within 10 s")
+        .expect("the registry watch ended")
 }
 
 async fn dom0_has_no_entry(env: &Env) -> bool {

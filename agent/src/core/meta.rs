@@ -341,18 +341,9 @@ impl MetaStore {
                 .map(|rec| {
                     let dir = &dir;
                     s.spawn(move || -> Result<(PathBuf, PathBuf)> {
-                        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-                        let name = format!("{}.json", rec.uuid);
-                        let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
-                        let mut f = OpenOptions::new()
-                            .write(true)
-                            .create_new(true)
-                            .open(&tmp)
-                            .map_err(|e| io("create", &tmp, e))?;
-                        f.write_all(&to_json(*rec)?)
-                            .map_err(|e| io("write", &tmp, e))?;
+                        let (f, tmp, target) = write_temp_record(dir, rec)?;
                         f.sync_all().map_err(|e| io("fsync", &tmp, e))?;
-                        Ok((tmp, dir.join(name)))
+                        Ok((tmp, target))
                     })
                 })
                 .collect();
@@ -397,18 +388,7 @@ impl MetaStore {
     /// only inside a journaled operation whose entry holds the record, so a crash before the
     /// barrier is repaired by replaying the entry.
     pub fn stage_vdi(&self, rec: &VdiRecord) -> Result<File> {
-        let dir = self.vdis_dir();
-        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let name = format!("{}.json", rec.uuid);
-        let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| io("create", &tmp, e))?;
-        f.write_all(&to_json(rec)?)
-            .map_err(|e| io("write", &tmp, e))?;
-        let target = dir.join(name);
+        let (f, tmp, target) = write_temp_record(&self.vdis_dir(), rec)?;
         fs::rename(&tmp, &target).map_err(|e| {
             let _ = fs::remove_file(&tmp);
             io("rename into place", &target, e)
@@ -546,6 +526,22 @@ impl MetaStore {
         }
         Ok(n)
     }
+}
+
+/// Creates a unique temporary file beside `<uuid>.json` in `dir` and writes `rec` into it,
+/// unsynced; returns the open file, the temporary path and the record's final path.
+fn write_temp_record(dir: &Path, rec: &VdiRecord) -> Result<(File, PathBuf, PathBuf)> {
+    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let name = format!("{}.json", rec.uuid);
+    let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| io("create", &tmp, e))?;
+    f.write_all(&to_json(rec)?)
+        .map_err(|e| io("write", &tmp, e))?;
+    Ok((f, tmp, dir.join(name)))
 }
 
 fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>> {

@@ -5,21 +5,40 @@
 //! and ports from 10 by creating the lowest free file/socket, so several processes (and the
 //! C shim that runs Debian's libxenvchan) can share one `$DIR`.
 //!
-//! What the simulation cannot do: unmap notifications fire when a mapping is dropped, not when
-//! a process dies.
+//! Death notification (what Xen's unmap notification gives a real vchan when the mapping
+//! process dies): the owner of shared grants listens on an abstract unix stream socket named
+//! after `$DIR` and the first grant reference ([`SimXen::live_addr`]; abstract, so nothing is
+//! left in `$DIR` whichever side dies), one watcher thread; a process mapping them with an
+//! unmap notification connects and
+//! sends `{offset, port to notify}` (two native u32s). A clean release sends `R` first (the
+//! mapping's own notification has already fired). A connection that ends without it means the
+//! mapper died: the watcher clears the byte at `offset` in the page and sends `MSG_NOTIFY` to
+//! the port, as the dead process's unmap notification would have.
 
 use super::mem::{Mapping, PAGE_SIZE};
 use super::{Backend, DomId, EventChannel, EvtchnPort, GrantRef, UnmapNotify};
 use crate::error::{Error, Result};
+use std::collections::HashMap;
 use std::fs::OpenOptions;
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::net::UnixDatagram;
+use std::os::unix::net::{SocketAddr, UnixDatagram, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{fence, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// The port each of this process's interdomain-bound ports signals: `(sim dir, local port)`
+/// to the peer port, so a mapping's death watcher knows where the unmap notification goes.
+static PEERS: Mutex<Option<HashMap<(PathBuf, u32), u32>>> = Mutex::new(None);
+
+fn peers() -> std::sync::MutexGuard<'static, Option<HashMap<(PathBuf, u32), u32>>> {
+    PEERS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The byte a mapper sends before closing its death-watch connection on a clean release.
+const MSG_RELEASED: u8 = b'R';
 
 /// Message a binder sends to the unbound port it binds to.
 pub const MSG_BIND: u32 = 0xC0FFEE;
@@ -67,6 +86,16 @@ impl SimXen {
     /// Path of grant `r`.
     pub fn grant_path(&self, r: GrantRef) -> PathBuf {
         self.dir.join(format!("g{}", r.0))
+    }
+
+    /// The abstract unix socket address of the death watch of the grants whose first
+    /// reference is `r`: named by the sim directory's device and inode (a long path would not
+    /// fit a socket address) and `r`.
+    pub fn live_addr(&self, r: GrantRef) -> std::io::Result<SocketAddr> {
+        use std::os::linux::net::SocketAddrExt;
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(&self.dir)?;
+        SocketAddr::from_abstract_name(format!("ddstor-sim-{:x}-{:x}-g{}", m.dev(), m.ino(), r.0))
     }
 
     /// Path of port `p`.
@@ -207,12 +236,30 @@ impl SimXen {
         } else {
             Vec::new()
         };
+        // The owner watches for mappers dying; a mapper with an unmap notification registers.
+        let watcher = if unlink_on_release && writable {
+            self.watch_mappers(refs[0])
+        } else {
+            None
+        };
+        let mut watched = match &notify {
+            Some(n) if !unlink_on_release => self.register_mapper(refs[0], n),
+            _ => None,
+        };
         let addr = base as usize;
         let release = Box::new(move || {
             // SAFETY: unmapping exactly the range mapped above, once.
             unsafe { libc::munmap(addr as *mut libc::c_void, len) };
             for p in paths {
                 let _ = std::fs::remove_file(p);
+            }
+            if let Some(c) = watched.as_mut() {
+                // A clean release: the mapping's own notification has fired (or was disarmed).
+                let _ = c.write_all(&[MSG_RELEASED]);
+            }
+            if let Some(l) = watcher {
+                // SAFETY: shutting down a socket this closure owns; wakes the blocked accept.
+                unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
             }
         });
         let ptr = NonNull::new(base.cast::<u8>()).expect("mmap returned non-null");
@@ -228,6 +275,83 @@ impl SimXen {
         }
         // SAFETY: `base` is a page-aligned mapping of `len` bytes released only by `release`.
         Ok(unsafe { Mapping::new(ptr, len, notify, Some(release)) })
+    }
+
+    /// Owner side of the death notification: listens on [`SimXen::live_addr`] and, for each
+    /// mapper that registers, waits (on a thread) for its release or its death.
+    fn watch_mappers(&self, first: GrantRef) -> Option<Arc<UnixListener>> {
+        let l = match self
+            .live_addr(first)
+            .and_then(|a| UnixListener::bind_addr(&a))
+        {
+            Ok(l) => Arc::new(l),
+            Err(e) => {
+                tracing::debug!(grant = %first, error = %e, "sim: no death watch");
+                return None;
+            }
+        };
+        let (sim, acceptor) = (self.clone(), l.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("sim-live-g{}", first.0))
+            .spawn(move || {
+                // Ends when the owner's release shuts the listener down.
+                while let Ok((c, _)) = acceptor.accept() {
+                    let sim = sim.clone();
+                    let _ = std::thread::Builder::new()
+                        .name(format!("sim-watch-g{}", first.0))
+                        .spawn(move || sim.watch_one(first, c));
+                }
+            });
+        match spawned {
+            Ok(_) => Some(l),
+            Err(e) => {
+                tracing::debug!(error = %e, "sim: no death watch thread");
+                None
+            }
+        }
+    }
+
+    /// One registered mapper: on a connection that ends without [`MSG_RELEASED`], performs its
+    /// unmap notification (clear the byte, notify the port).
+    fn watch_one(&self, first: GrantRef, mut c: UnixStream) {
+        let mut reg = [0u8; 8];
+        if c.read_exact(&mut reg).is_err() {
+            return;
+        }
+        let offset = u32::from_ne_bytes(reg[..4].try_into().expect("4 bytes")) as usize;
+        let port = u32::from_ne_bytes(reg[4..].try_into().expect("4 bytes"));
+        // Our own view of the page, kept until the verdict (the owner may release meanwhile).
+        let page = match self.map_files(&[first], true, None, false) {
+            Ok(p) => p,
+            Err(_) => return,
+        };
+        let mut b = [0u8; 1];
+        let released = matches!(c.read(&mut b), Ok(1) if b[0] == MSG_RELEASED);
+        if released || offset >= page.len() {
+            return;
+        }
+        tracing::debug!(grant = %first, offset, port, "sim: a mapping process died; notifying for it");
+        page.u8_at(offset).store(0, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        let mut msg = [0u8; 8];
+        msg[..4].copy_from_slice(&MSG_NOTIFY.to_ne_bytes());
+        if let Ok(s) = UnixDatagram::unbound() {
+            let _ = s.send_to(&msg, self.port_path(EvtchnPort(port)));
+        }
+    }
+
+    /// Mapper side: registers `n` with the owner's death watch of the grants starting at
+    /// `first`. `None` when there is nothing to register with (no watch, or an event channel
+    /// this process did not bind interdomain).
+    fn register_mapper(&self, first: GrantRef, n: &UnmapNotify) -> Option<UnixStream> {
+        let local = n.event.local_port().0;
+        let peer = *peers().as_ref()?.get(&(self.dir.clone(), local))?;
+        let mut c = UnixStream::connect_addr(&self.live_addr(first).ok()?).ok()?;
+        let mut reg = [0u8; 8];
+        reg[..4].copy_from_slice(&u32::try_from(n.offset).ok()?.to_ne_bytes());
+        reg[4..].copy_from_slice(&peer.to_ne_bytes());
+        c.write_all(&reg).ok()?;
+        Some(c)
     }
 
     /// Bind a new unbound port (lowest free number from 10).
@@ -250,6 +374,9 @@ impl SimXen {
             peer: AtomicU32::new(remote.0),
             dir: self.dir.clone(),
         };
+        peers()
+            .get_or_insert_with(HashMap::new)
+            .insert((self.dir.clone(), port), remote.0);
         ev.send(MSG_BIND).map_err(|e| match e {
             Error::Io { source, .. }
                 if source.kind() == ErrorKind::NotFound
@@ -363,6 +490,9 @@ impl EventChannel for SimEvtchn {
 
 impl Drop for SimEvtchn {
     fn drop(&mut self) {
+        if let Some(m) = peers().as_mut() {
+            m.remove(&(self.dir.clone(), self.port));
+        }
         let _ = std::fs::remove_file(self.dir.join(format!("ev{}", self.port)));
     }
 }
@@ -436,6 +566,73 @@ mod tests {
             std::fs::read_dir(tmp.path()).unwrap().count(),
             0,
             "nothing left behind"
+        );
+    }
+
+    /// Waits up to 5 s for one message on `ev`.
+    fn next_event(ev: &SimEvtchn) -> Option<(u32, u32)> {
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < std::time::Duration::from_secs(5) {
+            if let Some(m) = ev.recv_one().unwrap() {
+                return Some(m);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        None
+    }
+
+    #[test]
+    fn the_owner_sends_the_unmap_notification_of_a_mapper_that_died() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sim = SimXen::new(tmp.path()).unwrap();
+        let (refs, owner) = sim.share(DomId(1), 1, None).unwrap();
+        let watch = sim.live_addr(refs[0]).unwrap();
+        assert!(
+            UnixStream::connect_addr(&watch).is_ok(),
+            "the owner watches its grants"
+        );
+        let srv = sim.bind_unbound_port().unwrap();
+        let cli: Arc<dyn EventChannel> =
+            Arc::new(sim.bind_interdomain_port(srv.local_port()).unwrap());
+        assert_eq!(srv.recv_one().unwrap().map(|m| m.0), Some(MSG_BIND));
+
+        // A clean release: the mapping's own notification, and nothing from the watcher.
+        owner.u8_at(20).store(1, Ordering::SeqCst);
+        let notify = UnmapNotify {
+            offset: 20,
+            event: cli.clone(),
+        };
+        let m = sim.map(DomId(0), &refs, true, Some(notify)).unwrap();
+        drop(m);
+        assert_eq!(next_event(&srv), Some((MSG_NOTIFY, cli.local_port().0)));
+        assert_eq!(owner.u8_at(20).load(Ordering::SeqCst), 0);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert_eq!(
+            srv.recv_one().unwrap(),
+            None,
+            "a clean release is notified once"
+        );
+
+        // A mapper whose registration ends without the release byte (its process died, so
+        // its mapping's drop never ran): the owner clears the byte and notifies for it.
+        owner.u8_at(20).store(1, Ordering::SeqCst);
+        let mut c = UnixStream::connect_addr(&watch).unwrap();
+        let mut reg = 20u32.to_ne_bytes().to_vec();
+        reg.extend_from_slice(&srv.local_port().0.to_ne_bytes());
+        c.write_all(&reg).unwrap();
+        drop(c);
+        assert_eq!(next_event(&srv).map(|m| m.0), Some(MSG_NOTIFY));
+        assert_eq!(
+            owner.u8_at(20).load(Ordering::SeqCst),
+            0,
+            "live byte cleared"
+        );
+
+        drop((owner, srv, cli));
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+        assert!(
+            UnixStream::connect_addr(&watch).is_err(),
+            "the watch ends with the grants"
         );
     }
 
