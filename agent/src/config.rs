@@ -60,6 +60,10 @@ socket = ""
 # Also serve NBD on this TCP address, e.g. "127.0.0.1:10809" (loopback only: NBD has no
 # authentication); empty = no TCP. Flag: --nbd-tcp.
 tcp = ""
+# Connect each attached VDI's export to a free kernel nbd device (/dev/nbdN) and return it to
+# xapi as a BlockDevice (for blkback) besides the NBD URI: true, false, or "auto" (where the
+# nbd module is loaded, i.e. /dev/nbd0 exists; otherwise one info line and the NBD URI only).
+kernel_devices = "auto"
 
 [gc]
 # Background garbage collection and coalescing of every attached SR's VHD chains (a snapshot
@@ -179,6 +183,8 @@ pub struct NbdConfig {
     pub socket: PathBuf,
     /// Optional loopback TCP address (`host:port`); empty = none.
     pub tcp: String,
+    /// Kernel nbd devices for blkback: `true`, `false` or `"auto"` (default).
+    pub kernel_devices: crate::datapath::kernel::KernelDevices,
 }
 
 /// `[gc]`: the background GC (see `differencing::online`).

@@ -346,14 +346,54 @@ fn a_killed_agent_restarted_re_exports_its_datapaths_on_sr_attach_with_data_inta
 }
 
 #[test]
-fn vdi_destroy_is_refused_while_attached_and_sr_detach_and_dp_destroy_tear_exports_down() {
+fn vdi_destroy_deactivates_and_detaches_every_datapath_and_deletes_the_epoch_layer() {
+    let s = Setup::new();
+    let vdi = s.vdi(8 * MIB);
+    let keep = s.vdi(8 * MIB);
+    s.agent.ok(
+        "VDI.set_persistent",
+        json!({"sr": s.sr, "vdi": vdi, "persistent": false}),
+    );
+    s.agent.ok(
+        "VDI.epoch_begin",
+        json!({"sr": s.sr, "vdi": vdi, "vm": "vm1", "persistent": false}),
+    );
+    let uri = s.attach(&vdi, "dp1", true);
+    s.call("VDI.activate3", &vdi, "dp1");
+    assert_eq!(s.attach(&vdi, "dp2", true), uri);
+    let other = s.attach(&keep, "dp1", true);
+    s.call("VDI.activate3", &keep, "dp1");
+    qemu_io(&uri, &["write -P 0x12 0 64k", "flush"]);
+    let epoch_layer = s.leaf(&vdi).with_file_name(format!(".{vdi}.epoch.vhd"));
+    assert!(epoch_layer.exists(), "{}", epoch_layer.display());
+
+    s.agent.ok("VDI.destroy", json!({"sr": s.sr, "vdi": vdi}));
+    // Both datapaths are gone with the export, and so are the leaf and the epoch layer.
+    run_fail(&mut qemu_io_cmd(&uri, &["read 0 512".to_string()]));
+    assert!(!s.leaf(&vdi).exists());
+    assert!(
+        !epoch_layer.exists(),
+        "{} left behind",
+        epoch_layer.display()
+    );
+    let (err, _) = s.agent.err("VDI.stat", json!({"sr": s.sr, "vdi": vdi}));
+    assert_eq!(err, "Vdi_does_not_exist");
+    // The other VDI's datapath is untouched.
+    assert_eq!(s.superstate(&keep), json!(["Activated", "RW"]));
+    qemu_io(&other, &["write -P 0x34 0 4k", "read -P 0x34 0 4k"]);
+    // dp1 now only holds `keep`: DP.destroy tears that down.
+    s.agent
+        .ok("DP.destroy", json!({"dp": "dp1", "allow_leak": false}));
+    assert_eq!(s.superstate(&keep), json!("Detached"));
+}
+
+#[test]
+fn sr_detach_and_dp_destroy_tear_exports_down() {
     let s = Setup::new();
     let vdi = s.vdi(8 * MIB);
     let uri = s.attach(&vdi, "dp", true);
     s.call("VDI.activate3", &vdi, "dp");
     qemu_io(&uri, &["write -P 0x12 0 4k"]);
-    let (name, _) = s.agent.err("VDI.destroy", json!({"sr": s.sr, "vdi": vdi}));
-    assert!(!name.is_empty());
     s.agent.ok("SR.detach", json!({"sr": s.sr}));
     run_fail(&mut qemu_io_cmd(&uri, &["read 0 512".to_string()]));
     s.agent

@@ -267,9 +267,22 @@ impl Chain {
 
     /// Resolves sectors `s0..s1` of block `b` into runs of one source each.
     fn resolve(&self, b: u64, s0: u32, s1: u32) -> Result<Vec<Run>> {
+        Ok(self.resolve_with(b, s0, s1, false)?.unwrap_or_default())
+    }
+
+    /// [`Chain::resolve`]; with `nowait`, from cached bitmaps only (`None` if one is not cached).
+    fn resolve_with(&self, b: u64, s0: u32, s1: u32, nowait: bool) -> Result<Option<Vec<Run>>> {
         let mut bms: Vec<(usize, Arc<Bitmap>)> = Vec::new();
         for l in self.sources(b) {
-            if let Some(bm) = self.layers[l].presence(b)? {
+            let presence = if nowait {
+                match self.layers[l].cached_presence(b) {
+                    Some(p) => p,
+                    None => return Ok(None),
+                }
+            } else {
+                self.layers[l].presence(b)?
+            };
+            if let Some(bm) = presence {
                 let full = bm.is_full();
                 bms.push((l, bm));
                 if full {
@@ -277,25 +290,24 @@ impl Chain {
                 }
             }
         }
-        if bms.is_empty() {
-            return Ok(vec![(s0, s1, None)]);
-        }
-        if bms[0].1.is_full() {
-            return Ok(vec![(s0, s1, Some(bms[0].0))]);
-        }
-        let mut runs: Vec<Run> = Vec::new();
-        for s in s0..s1 {
-            let src = bms.iter().find(|(_, bm)| bm.get(s)).map(|(l, _)| *l);
-            match runs.last_mut() {
-                Some(r) if r.2 == src && r.1 == s => r.1 = s + 1,
-                _ => runs.push((s, s + 1, src)),
-            }
-        }
-        Ok(runs)
+        Ok(Some(runs_of(&bms, s0, s1)))
     }
 
     /// Reads `buf.len()` bytes at `offset` through the chain. Any alignment.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_with(buf, offset, false).map(|_| ())
+    }
+
+    /// Like [`Chain::read_at`] but only when it needs no waiting for a device: every bitmap
+    /// involved is cached and the data is in the page cache. `Ok(false)` means nothing useful
+    /// was done (`buf` may be partly written) and the caller should use [`Chain::read_at`] on a
+    /// thread that may block. Lets a server answer cached reads on its event loop.
+    pub fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        self.read_with(buf, offset, true)
+    }
+
+    /// [`Chain::read_at`] (`nowait` false: always `Ok(true)`) or [`Chain::try_read_at`].
+    fn read_with(&self, buf: &mut [u8], offset: u64, nowait: bool) -> Result<bool> {
         self.check_range(offset, buf.len() as u64)?;
         let bs = self.block_size;
         let mut done = 0usize;
@@ -304,26 +316,36 @@ impl Chain {
             let b = pos / bs;
             let in_block = pos % bs;
             let n = ((bs - in_block) as usize).min(buf.len() - done);
-            self.read_block(b, in_block, &mut buf[done..done + n])?;
+            if !self.read_block(b, in_block, &mut buf[done..done + n], nowait)? {
+                return Ok(false);
+            }
             done += n;
         }
-        Ok(())
+        Ok(true)
     }
 
-    fn read_block(&self, b: u64, in_block: u64, out: &mut [u8]) -> Result<()> {
+    fn read_block(&self, b: u64, in_block: u64, out: &mut [u8], nowait: bool) -> Result<bool> {
         let s0 = (in_block / SECTOR) as u32;
         let s1 = (in_block + out.len() as u64).div_ceil(SECTOR) as u32;
         let end = in_block + out.len() as u64;
-        for (rs, re, src) in self.resolve(b, s0, s1)? {
+        let Some(runs) = self.resolve_with(b, s0, s1, nowait)? else {
+            return Ok(false);
+        };
+        for (rs, re, src) in runs {
             let a = (rs as u64 * SECTOR).max(in_block);
             let z = (re as u64 * SECTOR).min(end);
             let dst = &mut out[(a - in_block) as usize..(z - in_block) as usize];
             match src {
+                Some(l) if nowait => {
+                    if !self.layers[l].try_read_data(b, a, dst)? {
+                        return Ok(false);
+                    }
+                }
                 Some(l) => self.layers[l].read_data(b, a, dst)?,
                 None => dst.fill(0),
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Writes `buf` at `offset` into the leaf, allocating blocks as needed. Unaligned edges
@@ -484,4 +506,24 @@ pub fn resolve_parent(disk: &Disk, child: &Path, root: &Path) -> Result<PathBuf>
         child: child.to_path_buf(),
         candidates: candidates.into_iter().map(|(l, _)| l).collect(),
     })
+}
+
+/// Runs of one source each for sectors `s0..s1`, given the presence bitmaps of the layers
+/// holding the block, nearest first.
+fn runs_of(bms: &[(usize, Arc<Bitmap>)], s0: u32, s1: u32) -> Vec<Run> {
+    if bms.is_empty() {
+        return vec![(s0, s1, None)];
+    }
+    if bms[0].1.is_full() {
+        return vec![(s0, s1, Some(bms[0].0))];
+    }
+    let mut runs: Vec<Run> = Vec::new();
+    for s in s0..s1 {
+        let src = bms.iter().find(|(_, bm)| bm.get(s)).map(|(l, _)| *l);
+        match runs.last_mut() {
+            Some(r) if r.2 == src && r.1 == s => r.1 = s + 1,
+            _ => runs.push((s, s + 1, src)),
+        }
+    }
+    runs
 }

@@ -517,6 +517,35 @@ impl Disk {
         Ok(Some(map.entry(b as u32).or_insert(bm).clone()))
     }
 
+    /// Like [`Disk::presence`] but without any I/O: `None` when the bitmap of an allocated
+    /// block is not cached yet (the caller falls back to [`Disk::presence`]).
+    pub fn cached_presence(&self, b: u64) -> Option<Option<Arc<Bitmap>>> {
+        if self.bat_entry(b).is_none() {
+            return Some(None);
+        }
+        if self.footer.disk_type == DiskType::Fixed {
+            return self.presence(b).ok();
+        }
+        self.bitmaps
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(b as u32))
+            .map(|bm| Some(bm.clone()))
+    }
+
+    /// Like [`Disk::read_data`] but only if no device wait is needed ([`BlockIo::try_read_at`]):
+    /// `Ok(false)` means "use `read_data`".
+    pub fn try_read_data(&self, b: u64, byte: u64, buf: &mut [u8]) -> Result<bool> {
+        let off = self.data_offset(b)? + byte;
+        self.io.try_read_at(buf, off).map_err(|e| {
+            Error::io(
+                &self.name,
+                format!("reading {} bytes of block {b} at offset {off}", buf.len()),
+                e,
+            )
+        })
+    }
+
     /// Reads `buf.len()` bytes of block `b`'s data starting `byte` bytes into the block. The
     /// block must be allocated.
     pub fn read_data(&self, b: u64, byte: u64, buf: &mut [u8]) -> Result<()> {

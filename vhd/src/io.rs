@@ -24,6 +24,14 @@ pub trait BlockIo: Send + Sync {
     }
     /// Truncates or extends (with zeros) to `len` bytes.
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Fills all of `buf` from `offset` only if that needs no waiting for a device (the
+    /// data is in memory, e.g. the page cache): `Ok(true)` when `buf` was filled, `Ok(false)`
+    /// when the caller should use [`BlockIo::read_at`] (on a thread that may block) instead.
+    /// The default never tries.
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        let _ = (buf, offset);
+        Ok(false)
+    }
 }
 
 impl BlockIo for File {
@@ -42,6 +50,51 @@ impl BlockIo for File {
     fn set_len(&self, len: u64) -> io::Result<()> {
         File::set_len(self, len)
     }
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        read_nowait(self, buf, offset)
+    }
+}
+
+/// `preadv2(RWF_NOWAIT)` until `buf` is full: `Ok(false)` as soon as the kernel would have to
+/// wait for the device (EAGAIN, or a short read part-way through uncached pages), or when the
+/// kernel does not know the flag (EOPNOTSUPP/EINVAL on old kernels or odd file systems).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn read_nowait(f: &File, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let mut done = 0usize;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        let iov = libc::iovec {
+            iov_base: rest.as_mut_ptr().cast(),
+            iov_len: rest.len(),
+        };
+        let Ok(off) = libc::off_t::try_from(offset + done as u64) else {
+            return Ok(false);
+        };
+        // SAFETY: `iov` describes `rest`, a live, exclusively borrowed buffer of exactly
+        // `iov_len` bytes, for the duration of the call; the fd is owned by `f`, which outlives
+        // the call; the kernel writes at most `iov_len` bytes into it.
+        let n = unsafe { libc::preadv2(f.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) | Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => Ok(false),
+                _ => Err(e),
+            };
+        }
+        if n == 0 {
+            // End of file: let the blocking path report it the usual way.
+            return Ok(false);
+        }
+        done += n as usize;
+    }
+    Ok(true)
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn read_nowait(_f: &File, _buf: &mut [u8], _offset: u64) -> io::Result<bool> {
+    Ok(false)
 }
 
 /// An in-memory file for tests and fuzzing. Cloning is not shared: wrap it in an `Arc` to share.
@@ -68,6 +121,9 @@ impl MemFile {
 }
 
 impl BlockIo for MemFile {
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        self.read_at(buf, offset).map(|()| true)
+    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let data = self.data.read().unwrap_or_else(|e| e.into_inner());
         let end = offset

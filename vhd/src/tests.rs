@@ -735,3 +735,43 @@ fn fuzz_regression_locator_entry_past_eof_does_not_break_reopen_after_a_write() 
         "{e}"
     );
 }
+
+#[test]
+fn try_read_at_waits_for_cached_bitmaps_then_reads_what_read_at_reads() {
+    let base = mem_dynamic(1 << 20);
+    let top = mem_child(&base, "base");
+    {
+        let c = mem_chain(std::slice::from_ref(&base));
+        c.write_at(&pattern(1, 100_000), 10_000).unwrap();
+    }
+    {
+        let c = mem_chain(&[top.clone(), base.clone()]);
+        c.write_at(&pattern(2, 3_000), 50_001).unwrap();
+    }
+    let c = mem_chain(&[top, base]);
+    let mut fast = vec![0u8; 200_000];
+    // Freshly opened: no bitmap is cached, so the non-blocking read declines.
+    assert!(!c.try_read_at(&mut fast, 1000).unwrap());
+    let mut slow = vec![0u8; 200_000];
+    c.read_at(&mut slow, 1000).unwrap();
+    // Every bitmap involved is cached now (and MemFile never waits): the same bytes.
+    assert!(c.try_read_at(&mut fast, 1000).unwrap());
+    assert_eq!(fast, slow);
+    assert!(c.try_read_at(&mut [0u8; 1], (1 << 20) - 1).unwrap());
+    assert!(c.try_read_at(&mut [0u8; 2], (1 << 20) - 1).is_err());
+}
+
+#[test]
+fn file_try_read_at_reads_cached_pages_and_declines_past_the_end() {
+    use std::io::Write;
+    let d = tmp();
+    let p = d.path().join("f");
+    let data = pattern(3, 3 * 4096);
+    std::fs::File::create(&p).unwrap().write_all(&data).unwrap();
+    let f = std::fs::File::open(&p).unwrap();
+    let mut buf = vec![0u8; 4096];
+    // Just written, so in the page cache.
+    assert!(io::BlockIo::try_read_at(&f, &mut buf, 4096).unwrap());
+    assert_eq!(buf, data[4096..8192]);
+    assert!(!io::BlockIo::try_read_at(&f, &mut buf, 10_000).unwrap());
+}

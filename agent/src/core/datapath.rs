@@ -3,9 +3,12 @@
 //!
 //! The engine calls [`DatapathHooks`] around every change that affects a datapath: before and
 //! after a VDI's leaf file is replaced (snapshot/clone: the open chain must be paused and
-//! re-opened on the new leaf), and before an SR is detached. It refuses `VDI.destroy` while
-//! [`DatapathHooks::is_attached`] says a datapath uses the VDI, or while the VDI's persisted
-//! record lists a datapath (`VdiRecord::datapaths`), so a restarted agent knows too.
+//! re-opened on the new leaf), before an SR is detached, and before a VDI is destroyed: the
+//! datapath layer then deactivates (flushes) and detaches every datapath of the VDI — xapi
+//! refuses to destroy an in-use VDI at its own layer, so at the storage layer a datapath left
+//! over is a leaked one. The engine still refuses `VDI.destroy` if, after that hook,
+//! [`DatapathHooks::is_attached`] says a datapath uses the VDI or the VDI's persisted record
+//! lists one (`VdiRecord::datapaths`; e.g. an agent without datapaths).
 
 use super::error::Result;
 use std::future::Future;
@@ -46,6 +49,17 @@ pub trait DatapathHooks: Send + Sync + std::fmt::Debug + 'static {
     /// Called after `VDI.epoch_begin`/`VDI.epoch_end` changed the VDI's record (no lock held):
     /// a non-persistent disk gets a fresh empty layer for the epoch, thrown away at its end.
     fn after_epoch_change<'a>(
+        &'a self,
+        _storage: &'a super::Storage,
+        _sr: &'a str,
+        _vdi: &'a str,
+    ) -> HookFuture<'a> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Called before `VDI.destroy` takes the VDI's lock: deactivate (flush) and detach every
+    /// datapath of the VDI, and drop whatever only the datapath layer created for it.
+    fn before_vdi_destroy<'a>(
         &'a self,
         _storage: &'a super::Storage,
         _sr: &'a str,

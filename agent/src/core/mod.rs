@@ -548,7 +548,8 @@ impl Storage {
         })
     }
 
-    /// `VDI.destroy`: refused while a datapath uses the VDI.
+    /// `VDI.destroy`: first the datapath layer tears down the VDI's datapaths
+    /// ([`DatapathHooks::before_vdi_destroy`]); refused if one is still in use after that.
     pub async fn vdi_destroy(&self, sr: &str, vdi: &str) -> Result<()> {
         let vdi_id = validate::uuid("VDI", vdi)?;
         {
@@ -563,6 +564,8 @@ impl Storage {
                 return Err(Error::VdiDoesNotExist(vdi_id));
             }
         }
+        // Not under the VDI's lock: datapath transitions take it to persist their states.
+        self.hooks.before_vdi_destroy(self, sr, &vdi_id).await?;
         let (_g, s, v, _lock) = self.locked_vdi(sr, vdi).await?;
         let rec = v.record();
         s.refuse_if_in_use(&rec, self.hooks.is_attached(&s.uuid, &rec.uuid))?;

@@ -41,6 +41,14 @@ pub trait BlockBackend: Send + Sync + 'static {
     fn read_only(&self) -> bool;
     /// Fills `buf` from `offset`.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Error>;
+    /// Fills `buf` from `offset` only if that needs no waiting for a device (everything is
+    /// cached in memory): `Ok(true)` when done, `Ok(false)` when the caller must use
+    /// [`BlockBackend::read_at`] on a thread that may block. Lets the server answer cached
+    /// reads on its event loop without a hop to the blocking pool. The default never tries.
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool, Error> {
+        let _ = (buf, offset);
+        Ok(false)
+    }
     /// Writes `buf` at `offset`.
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), Error>;
     /// Makes every completed write durable.
@@ -132,6 +140,9 @@ impl BlockBackend for MemBackend {
         buf.copy_from_slice(&d[o..o + buf.len()]);
         Ok(())
     }
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool, Error> {
+        self.read_at(buf, offset).map(|()| true)
+    }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), Error> {
         check_writable(self.read_only)?;
         {
@@ -220,6 +231,9 @@ impl BlockBackend for RawFileBackend {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
         self.file.read_exact_at(buf, offset).map_err(Error::Io)
+    }
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool, Error> {
+        vhd::io::BlockIo::try_read_at(&self.file, buf, offset).map_err(Error::Io)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), Error> {
         check_writable(self.read_only)?;

@@ -55,6 +55,9 @@ impl BlockBackend for ChainBackend {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
         self.chain.read_at(buf, offset).map_err(vhd_error)
     }
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool, Error> {
+        self.chain.try_read_at(buf, offset).map_err(vhd_error)
+    }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), Error> {
         self.chain.write_at(buf, offset).map_err(vhd_error)
     }

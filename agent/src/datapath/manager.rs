@@ -10,6 +10,10 @@
 //! - RO ↔ RW: re-open the chain in the new mode behind a paused gate;
 //! - → Detached: remove the export.
 //!
+//! Where kernel nbd devices are enabled ([`KernelDevices`]), a new export is also connected to
+//! a free `/dev/nbdN` (returned as `BlockDevice` by `VDI.attach*`, for blkback), disconnected
+//! before the export is removed.
+//!
 //! The dp states are persisted in the VDI's record (`VdiRecord::datapaths`), so a restarted
 //! agent re-creates its exports ([`Datapaths::restore`]). The manager is the engine's
 //! [`DatapathHooks`]: snapshot/clone pause the export around the leaf switch and resume it on
@@ -17,6 +21,7 @@
 
 use super::chain::ChainBackend;
 use super::export::{Export, ExportOptions, Exports};
+use super::kernel::{KernelDevice, KernelDevices, KernelNbd};
 use super::server::NbdServer;
 use crate::core::datapath::{CallFuture, DatapathHooks, HookFuture};
 use crate::core::error::{backend, Result};
@@ -122,6 +127,8 @@ struct VdiDps {
     export: Option<Arc<Export>>,
     /// The export serves the epoch overlay (non-persistent disk), not the leaf.
     overlay: bool,
+    /// The kernel nbd device connected to the export, if any (for blkback).
+    kernel: Option<KernelDevice>,
 }
 
 /// A live export, readable without the per-VDI lock.
@@ -181,6 +188,8 @@ pub struct Datapaths {
     /// Live exports by VDI, readable without the per-VDI lock (hooks run under the engine's
     /// VDI lock, which transitions take after the per-VDI lock: never wait for it there).
     live: Mutex<HashMap<Key, Live>>,
+    /// Kernel nbd devices (`[nbd] kernel_devices`).
+    kernel: KernelNbd,
 }
 
 impl std::fmt::Debug for Datapaths {
@@ -201,13 +210,28 @@ fn dp_error(what: &str, e: super::Error) -> StorageError {
 }
 
 impl Datapaths {
-    /// A datapath layer whose NBD server will listen on `socket` (see [`Self::listen`]).
+    /// A datapath layer whose NBD server will listen on `socket` (see [`Self::listen`]), with
+    /// no kernel nbd devices.
     pub fn new(socket: impl Into<PathBuf>) -> Arc<Self> {
+        Self::with_kernel(socket, KernelNbd::new(KernelDevices::Off))
+    }
+
+    /// Like [`Self::new`], attaching kernel nbd devices as `kernel` says.
+    pub fn with_kernel(socket: impl Into<PathBuf>, kernel: KernelNbd) -> Arc<Self> {
+        match kernel.mode() {
+            KernelDevices::Auto if !kernel.enabled() => tracing::info!(
+                "no kernel nbd device (/dev/nbd0 missing: nbd module not loaded): \
+                 VDI.attach returns the NBD URI only, no block device for blkback"
+            ),
+            KernelDevices::Off => tracing::debug!("kernel nbd devices disabled"),
+            _ => tracing::info!("VDI.attach connects a kernel nbd device for blkback"),
+        }
         Arc::new(Datapaths {
             socket: socket.into(),
             exports: Exports::new(),
             vdis: Mutex::default(),
             live: Mutex::default(),
+            kernel,
         })
     }
 
@@ -335,13 +359,7 @@ impl Datapaths {
             return Ok(());
         }
         if to == DpState::Detached {
-            if let Some(e) = g.export.take() {
-                self.live
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&key);
-                self.exports.remove(e.name()).await;
-            }
+            self.drop_export(&key, g).await;
             return Ok(());
         }
         let rw = rw_of(to) == Some(RoRw::RW);
@@ -362,6 +380,10 @@ impl Datapaths {
                     )
                     .map_err(|e| dp_error("creating the NBD export", e))?;
                 g.export = Some(e.clone());
+                if let Err(x) = self.connect_kernel(sr, vdi, g, &e) {
+                    self.drop_export(&key, g).await;
+                    return Err(x);
+                }
                 e
             }
             Some(e) => {
@@ -398,6 +420,49 @@ impl Datapaths {
             },
         );
         Ok(())
+    }
+
+    /// Removes the export of `key` (and disconnects its kernel nbd device first, if any).
+    async fn drop_export(&self, key: &Key, g: &mut VdiDps) {
+        let dev = g.kernel.take();
+        if let Some(d) = &dev {
+            d.request_disconnect();
+        }
+        if let Some(e) = g.export.take() {
+            self.live
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(key);
+            self.exports.remove(e.name()).await;
+        }
+        if let Some(d) = dev {
+            self.kernel.release(d).await;
+        }
+    }
+
+    /// Connects a kernel nbd device to a new export where configured; see [`KernelDevices`].
+    fn connect_kernel(&self, sr: &str, vdi: &str, g: &mut VdiDps, e: &Arc<Export>) -> Result<()> {
+        if !self.kernel.enabled() {
+            return Ok(());
+        }
+        match self.kernel.connect(e.clone()) {
+            Ok(d) => {
+                tracing::info!(sr, vdi, device = %d.path().display(), "kernel nbd device connected");
+                g.kernel = Some(d);
+                Ok(())
+            }
+            Err(x) if self.kernel.mode() == KernelDevices::On => Err(backend(
+                interface::codes::IO_ERROR,
+                format!(
+                    "connecting a kernel nbd device for VDI {vdi} ([nbd] kernel_devices = true; \
+                     load the nbd module or set it to auto/false): {x}"
+                ),
+            )),
+            Err(x) => {
+                tracing::warn!(sr, vdi, error = %x, "no kernel nbd device connected (NBD URI only)");
+                Ok(())
+            }
+        }
     }
 
     async fn open_chain(
@@ -485,16 +550,23 @@ impl Datapaths {
     ) -> Result<BackendInfo> {
         let m = if read_write { RoRw::RW } else { RoRw::RO };
         self.transition(st, sr, vdi, dp, Op::Attach(m)).await?;
-        tracing::debug!(
-            sr,
-            vdi,
-            "no kernel nbd device is attached for blkback (NBD URI only)"
-        );
-        Ok(BackendInfo {
-            implementations: vec![Implementation::Nbd {
-                uri: self.uri(sr, vdi),
-            }],
-        })
+        let mut implementations = vec![Implementation::Nbd {
+            uri: self.uri(sr, vdi),
+        }];
+        let dev = self
+            .entry(sr, vdi)
+            .lock()
+            .await
+            .kernel
+            .as_ref()
+            .map(|d| d.path().to_path_buf());
+        match dev {
+            Some(p) => implementations.push(Implementation::BlockDevice {
+                path: p.display().to_string(),
+            }),
+            None => tracing::debug!(sr, vdi, "no kernel nbd device for blkback (NBD URI only)"),
+        }
+        Ok(BackendInfo { implementations })
     }
 
     /// `DP.stat_vdi`: each dp's state and the superstate.
@@ -535,6 +607,56 @@ impl Datapaths {
         Ok(())
     }
 
+    /// Before `VDI.destroy`: deactivates (flushing) and detaches every datapath of `vdi`, each
+    /// with a warning (at the storage layer a datapath left on a destroyed VDI is a leaked
+    /// one: xapi refuses to destroy an in-use VDI at its own layer), clears dp states the
+    /// record still lists, and deletes the layer of a non-persistent epoch.
+    pub async fn teardown_vdi(&self, st: &Storage, sr: &str, vdi: &str) -> Result<()> {
+        let held: Vec<String> = {
+            let entry = self.entry(sr, vdi);
+            let g = entry.lock().await;
+            g.dps.keys().cloned().collect()
+        };
+        for dp in &held {
+            tracing::warn!(
+                sr,
+                vdi,
+                dp,
+                "VDI.destroy of a VDI with a datapath: deactivating (flush) and detaching it"
+            );
+            for op in [Op::Deactivate, Op::Detach] {
+                self.transition(st, sr, vdi, dp, op).await?;
+            }
+        }
+        let rec = st.vdi_stat(sr, vdi).await?.record;
+        if !rec.datapaths.is_empty() {
+            for dp in rec.datapaths.keys() {
+                tracing::warn!(
+                    sr,
+                    vdi,
+                    dp,
+                    "VDI.destroy: forgetting a recorded datapath that has no export"
+                );
+            }
+            st.vdi_set_datapaths(sr, vdi, |m| m.clear()).await?;
+        }
+        match st.vdi_chain(sr, vdi).await {
+            Ok((leaf, _)) => {
+                let ov = overlay_path(&leaf, vdi);
+                if ov.exists() {
+                    tracing::info!(sr, vdi, layer = %ov.display(), "VDI.destroy: deleting the epoch layer");
+                    remove_overlay(&ov)?;
+                }
+            }
+            Err(e) => tracing::debug!(sr, vdi, error = %e, "no chain to look for an epoch layer"),
+        }
+        self.vdis
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(sr.to_string(), vdi.to_string()));
+        Ok(())
+    }
+
     /// Tears down every datapath of `sr` (before `SR.detach`).
     pub async fn teardown_sr(&self, sr: &str) -> Result<()> {
         let keys: Vec<Key> = self
@@ -548,13 +670,7 @@ impl Datapaths {
         for key in keys {
             let entry = self.entry(&key.0, &key.1);
             let mut g = entry.lock().await;
-            if let Some(e) = g.export.take() {
-                self.live
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&key);
-                self.exports.remove(e.name()).await;
-            }
+            self.drop_export(&key, &mut g).await;
             // The persisted states stay: re-attaching the SR (or restarting) restores them.
             g.dps.clear();
         }
@@ -753,6 +869,15 @@ impl DatapathHooks for Datapaths {
         Box::pin(self.sync_epoch(storage, sr, vdi))
     }
 
+    fn before_vdi_destroy<'a>(
+        &'a self,
+        storage: &'a Storage,
+        sr: &'a str,
+        vdi: &'a str,
+    ) -> HookFuture<'a> {
+        Box::pin(self.teardown_vdi(storage, sr, vdi))
+    }
+
     fn before_sr_detach<'a>(&'a self, sr: &'a str) -> HookFuture<'a> {
         Box::pin(self.teardown_sr(sr))
     }
@@ -879,6 +1004,32 @@ mod tests {
         v.record.uuid
     }
 
+    /// Attaches `vdi` read-write on `dp`, activates it, and connects an NBD client to it.
+    async fn activate_and_connect(
+        env: &Env,
+        st: &Storage,
+        dps: &Datapaths,
+        vdi: &str,
+        dp: &str,
+    ) -> UnixStream {
+        dps.attach(st, SR, vdi, dp, true).await.unwrap();
+        dps.transition(st, SR, vdi, dp, Op::Activate).await.unwrap();
+        nbd_connect(&env.sock, &export_name(SR, vdi)).await
+    }
+
+    /// Writes `data` at `offset` through `c`; the write must succeed.
+    async fn write_ok(c: &mut UnixStream, offset: u64, data: &[u8]) {
+        let r = nbd_io(c, proto::CMD_WRITE, offset, data, data.len() as u32).await;
+        assert_eq!(r.0, 0, "write of {} bytes at {offset}", data.len());
+    }
+
+    /// Deactivates and detaches `dp` of `vdi`.
+    async fn deactivate_and_detach(st: &Storage, dps: &Datapaths, vdi: &str, dp: &str) {
+        for op in [Op::Deactivate, Op::Detach] {
+            dps.transition(st, SR, vdi, dp, op).await.unwrap();
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn attach_pauses_io_until_activate_and_deactivate_flushes_to_the_file() {
         let env = Env::new();
@@ -990,8 +1141,6 @@ mod tests {
             st.handle(detach("b")).await,
             Err(StorageError::IllegalTransition { .. })
         ));
-        // Destroy is refused while attached.
-        assert!(st.vdi_destroy(SR, &vdi).await.is_err());
         let rec = st.vdi_stat(SR, &vdi).await.unwrap().record;
         assert_eq!(
             rec.datapaths.get("a").map(String::as_str),
@@ -1024,17 +1173,8 @@ mod tests {
         {
             let (st, dps) = env.start().await;
             vdi = new_vdi(&st).await;
-            dps.attach(&st, SR, &vdi, "dp", true).await.unwrap();
-            dps.transition(&st, SR, &vdi, "dp", Op::Activate)
-                .await
-                .unwrap();
-            let mut c = nbd_connect(&env.sock, &export_name(SR, &vdi)).await;
-            assert_eq!(
-                nbd_io(&mut c, proto::CMD_WRITE, 0, &[7; 4096], 4096)
-                    .await
-                    .0,
-                0
-            );
+            let mut c = activate_and_connect(&env, &st, &dps, &vdi, "dp").await;
+            write_ok(&mut c, 0, &[7; 4096]).await;
             assert_eq!(nbd_io(&mut c, proto::CMD_FLUSH, 0, &[], 0).await.0, 0);
             st.sr_detach(SR).await.unwrap();
             assert!(dps.exports().names().is_empty(), "SR.detach left exports");
@@ -1049,13 +1189,44 @@ mod tests {
             nbd_io(&mut c, proto::CMD_READ, 0, &[], 4096).await,
             (0, vec![7; 4096])
         );
-        dps.transition(&st, SR, &vdi, "dp", Op::Deactivate)
-            .await
-            .unwrap();
-        dps.transition(&st, SR, &vdi, "dp", Op::Detach)
-            .await
-            .unwrap();
+        deactivate_and_detach(&st, &dps, &vdi, "dp").await;
         assert!(st.vdi_destroy(SR, &vdi).await.is_ok());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn destroying_a_vdi_in_use_tears_down_its_datapaths_and_epoch_layer_first() {
+        let env = Env::new();
+        let (st, dps) = env.start().await;
+        let vdi = new_vdi(&st).await;
+        st.vdi_set_persistent(SR, &vdi, false).await.unwrap();
+        st.vdi_epoch_begin(SR, &vdi, "vm1", false).await.unwrap();
+        let mut c = activate_and_connect(&env, &st, &dps, &vdi, "a").await;
+        dps.attach(&st, SR, &vdi, "b", false).await.unwrap();
+        write_ok(&mut c, 0, &[4; 4096]).await;
+        let (leaf, _) = st.vdi_chain(SR, &vdi).await.unwrap();
+        let ov = overlay_path(&leaf, &vdi);
+        assert!(ov.exists());
+        st.vdi_destroy(SR, &vdi).await.unwrap();
+        assert!(dps.exports().names().is_empty(), "the export survived");
+        assert!(!dps.is_attached(SR, &vdi));
+        assert_eq!(dps.stat_vdi(SR, &vdi).await.superstate, DpState::Detached);
+        assert!(!ov.exists(), "the epoch layer survived");
+        assert!(!leaf.exists(), "the leaf survived");
+        // The client's next request fails cleanly (the connection is closed).
+        let mut h = [0u8; 16];
+        let _ = c
+            .write_all(&proto::encode_request(
+                &proto::Request {
+                    flags: 0,
+                    kind: proto::CMD_READ,
+                    cookie: 1,
+                    offset: 0,
+                    length: 512,
+                },
+                false,
+            ))
+            .await;
+        assert!(c.read_exact(&mut h).await.is_err());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1063,17 +1234,8 @@ mod tests {
         let env = Env::new();
         let (st, dps) = env.start().await;
         let vdi = new_vdi(&st).await;
-        dps.attach(&st, SR, &vdi, "dp", true).await.unwrap();
-        dps.transition(&st, SR, &vdi, "dp", Op::Activate)
-            .await
-            .unwrap();
-        let mut c = nbd_connect(&env.sock, &export_name(SR, &vdi)).await;
-        assert_eq!(
-            nbd_io(&mut c, proto::CMD_WRITE, 0, &[1; 4096], 4096)
-                .await
-                .0,
-            0
-        );
+        let mut c = activate_and_connect(&env, &st, &dps, &vdi, "dp").await;
+        write_ok(&mut c, 0, &[1; 4096]).await;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop2 = stop.clone();
         let io = tokio::spawn(async move {
@@ -1083,12 +1245,7 @@ mod tests {
                     nbd_io(&mut c, proto::CMD_READ, 0, &[], 4096).await,
                     (0, vec![1; 4096])
                 );
-                assert_eq!(
-                    nbd_io(&mut c, proto::CMD_WRITE, 8192, &[2; 4096], 4096)
-                        .await
-                        .0,
-                    0
-                );
+                write_ok(&mut c, 8192, &[2; 4096]).await;
                 n += 1;
             }
             (c, n)
@@ -1105,12 +1262,7 @@ mod tests {
         let (mut c, n) = io.await.unwrap();
         assert!(n > 0);
         // After the switch, writes go to the VDI's new leaf, not into the snapshot.
-        assert_eq!(
-            nbd_io(&mut c, proto::CMD_WRITE, 0, &[3; 4096], 4096)
-                .await
-                .0,
-            0
-        );
+        write_ok(&mut c, 0, &[3; 4096]).await;
         assert_eq!(nbd_io(&mut c, proto::CMD_FLUSH, 0, &[], 0).await.0, 0);
         let (sleaf, _) = st.vdi_chain(SR, &snap.record.uuid).await.unwrap();
         let ch =
@@ -1130,17 +1282,8 @@ mod tests {
         let env = Env::new();
         let (st, dps) = env.start().await;
         let vdi = new_vdi(&st).await;
-        dps.attach(&st, SR, &vdi, "dp", true).await.unwrap();
-        dps.transition(&st, SR, &vdi, "dp", Op::Activate)
-            .await
-            .unwrap();
-        let mut c = nbd_connect(&env.sock, &export_name(SR, &vdi)).await;
-        assert_eq!(
-            nbd_io(&mut c, proto::CMD_WRITE, 0, &[5; 4096], 4096)
-                .await
-                .0,
-            0
-        );
+        let mut c = activate_and_connect(&env, &st, &dps, &vdi, "dp").await;
+        write_ok(&mut c, 0, &[5; 4096]).await;
         st.vdi_set_persistent(SR, &vdi, false).await.unwrap();
         // Epoch begins while the datapath is live: the export switches to a fresh layer.
         st.vdi_epoch_begin(SR, &vdi, "vm1", false).await.unwrap();
@@ -1151,12 +1294,7 @@ mod tests {
             nbd_io(&mut c, proto::CMD_READ, 0, &[], 4096).await,
             (0, vec![5; 4096])
         );
-        assert_eq!(
-            nbd_io(&mut c, proto::CMD_WRITE, 0, &[6; 4096], 4096)
-                .await
-                .0,
-            0
-        );
+        write_ok(&mut c, 0, &[6; 4096]).await;
         assert_eq!(
             nbd_io(&mut c, proto::CMD_READ, 0, &[], 4096).await,
             (0, vec![6; 4096])
@@ -1169,36 +1307,17 @@ mod tests {
             (0, vec![5; 4096])
         );
         st.vdi_epoch_begin(SR, &vdi, "vm1", false).await.unwrap();
-        assert_eq!(
-            nbd_io(&mut c, proto::CMD_WRITE, 8192, &[7; 512], 512)
-                .await
-                .0,
-            0
-        );
+        write_ok(&mut c, 8192, &[7; 512]).await;
         drop(c);
         // Detached and re-attached within the epoch: the epoch's writes are still there.
-        dps.transition(&st, SR, &vdi, "dp", Op::Deactivate)
-            .await
-            .unwrap();
-        dps.transition(&st, SR, &vdi, "dp", Op::Detach)
-            .await
-            .unwrap();
-        dps.attach(&st, SR, &vdi, "dp", true).await.unwrap();
-        dps.transition(&st, SR, &vdi, "dp", Op::Activate)
-            .await
-            .unwrap();
-        let mut c = nbd_connect(&env.sock, &export_name(SR, &vdi)).await;
+        deactivate_and_detach(&st, &dps, &vdi, "dp").await;
+        let mut c = activate_and_connect(&env, &st, &dps, &vdi, "dp").await;
         assert_eq!(
             nbd_io(&mut c, proto::CMD_READ, 8192, &[], 512).await,
             (0, vec![7; 512])
         );
         drop(c);
-        dps.transition(&st, SR, &vdi, "dp", Op::Deactivate)
-            .await
-            .unwrap();
-        dps.transition(&st, SR, &vdi, "dp", Op::Detach)
-            .await
-            .unwrap();
+        deactivate_and_detach(&st, &dps, &vdi, "dp").await;
         st.vdi_epoch_end(SR, &vdi, "vm1").await.unwrap();
         assert!(!ov.exists());
         // The leaf itself never saw the epochs' writes.
@@ -1217,17 +1336,8 @@ mod tests {
         let vdi = new_vdi(&st).await;
         st.vdi_set_persistent(SR, &vdi, false).await.unwrap();
         st.vdi_epoch_begin(SR, &vdi, "vm1", false).await.unwrap();
-        dps.attach(&st, SR, &vdi, "dp", true).await.unwrap();
-        dps.transition(&st, SR, &vdi, "dp", Op::Activate)
-            .await
-            .unwrap();
-        let mut c = nbd_connect(&env.sock, &export_name(SR, &vdi)).await;
-        assert_eq!(
-            nbd_io(&mut c, proto::CMD_WRITE, 0, &[9; 4096], 4096)
-                .await
-                .0,
-            0
-        );
+        let mut c = activate_and_connect(&env, &st, &dps, &vdi, "dp").await;
+        write_ok(&mut c, 0, &[9; 4096]).await;
         let snap = st
             .vdi_snapshot(SR, &vdi, VdiDerive::default(), false)
             .await

@@ -6,12 +6,14 @@
 //! - [`server`]: the NBD server on tokio (fixed newstyle; structured replies; extended headers;
 //!   `base:allocation`; many requests in flight per connection, many connections per export).
 //! - [`proto`]: the NBD wire format.
+//! - [`kernel`]: kernel nbd devices (`/dev/nbdN`, ioctls) connected to exports, for blkback.
 //! - [`manager`]: per-datapath state of every VDI (xapi's `vdi_automaton`), persisted, driving
 //!   the exports; the engine's [`crate::core::datapath::DatapathHooks`].
 
 pub mod backend;
 pub mod chain;
 pub mod export;
+pub mod kernel;
 pub mod manager;
 pub mod proto;
 pub mod server;

@@ -1,9 +1,12 @@
 //! The NBD server: fixed-newstyle handshake and the transmission phase.
 //!
-//! Per connection, one task reads requests and starts one task per request; those pass the
-//! export's pause gate, do their I/O on the blocking pool with positional I/O, and hand a
-//! finished reply (one contiguous buffer: header + payload, read straight into place) to the
-//! connection's writer task. Replies therefore leave in completion order, not request order.
+//! Per connection, one task reads requests. A read whose data is cached (page cache, cached
+//! VHD bitmaps: [`super::BlockBackend::try_read_at`], `preadv2(RWF_NOWAIT)`) is answered right
+//! there, and such replies are batched while more requests are already buffered. Every other
+//! request passes the export's pause gate and does its I/O on the blocking pool with
+//! positional I/O. Either way a finished reply (one contiguous buffer: header + payload, read
+//! straight into place) goes to the connection's writer task, which writes whatever has
+//! queued up with one flush. Replies therefore leave in completion order, not request order.
 //! Requests in flight per connection are bounded (count and bytes) and a permit is released
 //! only once its reply is written, so a client that never reads its replies stalls only itself.
 
@@ -22,6 +25,21 @@ const MAX_IN_FLIGHT: usize = 128;
 const MAX_IN_FLIGHT_UNITS: usize = 4096;
 /// Unit of the byte budget (64 KiB; so 256 MiB per connection).
 const BYTE_UNIT: u64 = 64 << 10;
+/// Default of the largest read answered on the connection's task when its data is cached
+/// (bigger ones, and uncached ones, go to the blocking pool, where big copies run in parallel).
+const INLINE_READ_MAX_DEFAULT: u64 = 64 << 10;
+
+/// The largest read answered inline: `DDSTOR_NBD_INLINE_READ_MAX` (bytes; 0 = never inline), a
+/// tuning knob for benchmarks, else [`INLINE_READ_MAX_DEFAULT`].
+fn inline_read_max() -> u64 {
+    static V: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var("DDSTOR_NBD_INLINE_READ_MAX")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(INLINE_READ_MAX_DEFAULT)
+    })
+}
 /// Time a client has to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most extents returned in one block status reply.
@@ -131,6 +149,29 @@ where
     };
     tracing::debug!(export = session.export.name(), style = ?session.style, "NBD transmission");
     transmission(r, w, session).await
+}
+
+/// Serves one connection whose handshake happened elsewhere — the kernel's nbd driver, handed
+/// the other end of a socketpair with `NBD_SET_SOCK`: transmission only, simple replies, no
+/// metadata context.
+pub async fn serve_negotiated<R, W>(r: R, w: W, export: Arc<Export>) -> Result<(), ConnError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let r = BufReader::with_capacity(256 << 10, r);
+    let w = BufWriter::with_capacity(256 << 10, w);
+    let session = Session {
+        export,
+        style: ReplyStyle::Simple,
+        base_allocation: false,
+    };
+    transmission(r, w, session).await
+}
+
+/// The transmission flags a kernel nbd device is given (`NBD_SET_FLAGS`) for `export`.
+pub fn kernel_transmission_flags(export: &Export) -> u16 {
+    transmission_flags(export, false)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -526,6 +567,9 @@ where
     let mut closed = s.export.closed_signal();
     let mut abort_watch = abort_tx.subscribe();
 
+    // Replies answered inline (cached reads) wait here while more requests are already
+    // buffered, so a burst of requests is answered with one wake-up of the writer.
+    let mut batch: Vec<Reply> = Vec::new();
     let result: Result<(), ConnError> = loop {
         let mut hdr = [0u8; proto::EXTENDED_REQUEST_LEN];
         let read = tokio::select! {
@@ -563,6 +607,7 @@ where
             if let Err(e) = discard(&mut r, payload_len).await {
                 break Err(e.into());
             }
+            conn.flush_batch(&mut batch);
             let permit = count.clone().acquire_owned().await.expect("never closed");
             conn.send_error(&req, errno::EOVERFLOW, "request too large", (permit, None));
             continue;
@@ -572,21 +617,44 @@ where
             _ => payload_len,
         };
         let units = (effect / BYTE_UNIT + 1) as u32;
-        let permit = count.clone().acquire_owned().await.expect("never closed");
-        let bpermit = bytes
-            .clone()
-            .acquire_many_owned(units)
-            .await
-            .expect("never closed");
+        let permits = match (
+            count.clone().try_acquire_owned(),
+            bytes.clone().try_acquire_many_owned(units),
+        ) {
+            (Ok(p), Ok(b)) => (p, Some(b)),
+            (p, b) => {
+                // Full: the batched replies hold permits, so they must leave before waiting.
+                conn.flush_batch(&mut batch);
+                let p = match p {
+                    Ok(p) => p,
+                    Err(_) => count.clone().acquire_owned().await.expect("never closed"),
+                };
+                let b = match b {
+                    Ok(b) => b,
+                    Err(_) => bytes
+                        .clone()
+                        .acquire_many_owned(units)
+                        .await
+                        .expect("never closed"),
+                };
+                (p, Some(b))
+            }
+        };
         let mut payload = Vec::new();
         if payload_len > 0 {
+            conn.flush_batch(&mut batch);
             payload = vec![0u8; payload_len as usize];
             if let Err(e) = r.read_exact(&mut payload).await {
                 break Err(e.into());
             }
         }
-        conn.dispatch(req, has_payload, payload, (permit, Some(bpermit)));
+        conn.dispatch(req, has_payload, payload, permits, &mut batch);
+        if r.buffer().len() < hdr_len {
+            // No next request is waiting in the buffer: send what was answered inline.
+            conn.flush_batch(&mut batch);
+        }
     };
+    conn.flush_batch(&mut batch);
     if result.is_err() {
         abort_tx.send_replace(true);
     }
@@ -622,6 +690,14 @@ async fn writer_task<W: AsyncWrite + Unpin>(
 type Permits = (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>);
 
 impl Conn {
+    /// Hands the inline-answered replies to the writer.
+    fn flush_batch(&self, batch: &mut Vec<Reply>) {
+        for rep in batch.drain(..) {
+            // If the writer is gone the connection is dead; the reply is moot.
+            let _ = self.tx.send(rep);
+        }
+    }
+
     fn send(&self, buf: Vec<u8>, permits: Permits) {
         // If the writer is gone the connection is dead; the reply is moot.
         let _ = self.tx.send(Reply {
@@ -758,6 +834,7 @@ impl Conn {
         has_payload: bool,
         payload: Vec<u8>,
         permits: Permits,
+        batch: &mut Vec<Reply>,
     ) {
         if let Err((e, msg)) = self.precheck(&req, has_payload) {
             return self.send_error(&req, e, msg, permits);
@@ -767,6 +844,27 @@ impl Conn {
         }
         let conn = self.clone();
         match self.export.try_enter() {
+            Some(pass) if req.kind == proto::CMD_READ && req.length <= inline_read_max() => {
+                // A read served from memory costs less than the hop to the blocking pool.
+                let mut buf = self.read_reply_buffer(&req);
+                let prefix = buf.len() - req.length as usize;
+                match pass.backend.try_read_at(&mut buf[prefix..], req.offset) {
+                    Ok(true) => {
+                        drop(pass);
+                        self.finish_read_reply(&mut buf, &req);
+                        batch.push(Reply {
+                            buf,
+                            _permits: permits,
+                        });
+                    }
+                    Ok(false) => {
+                        tokio::task::spawn_blocking(move || {
+                            conn.execute(pass, req, payload, permits)
+                        });
+                    }
+                    Err(e) => self.send_error(&req, e.nbd_errno(), &e.to_string(), permits),
+                }
+            }
             Some(pass) => {
                 tokio::task::spawn_blocking(move || conn.execute(pass, req, payload, permits));
             }
@@ -814,16 +912,29 @@ impl Conn {
         }
     }
 
-    fn execute_read(&self, b: &dyn super::BlockBackend, req: Request, permits: Permits) {
-        let len = req.length as usize;
-        let (hl, prefix) = match self.style {
-            ReplyStyle::Simple => (16, 16),
-            s => (s.chunk_header_len(), s.chunk_header_len() + 8),
+    /// A zeroed buffer for the reply to read `req`: header space, then the payload.
+    fn read_reply_buffer(&self, req: &Request) -> Vec<u8> {
+        let prefix = match self.style {
+            ReplyStyle::Simple => 16,
+            s => s.chunk_header_len() + 8,
         };
-        let mut buf = vec![0u8; prefix + len];
+        vec![0u8; prefix + req.length as usize]
+    }
+
+    fn execute_read(&self, b: &dyn super::BlockBackend, req: Request, permits: Permits) {
+        let mut buf = self.read_reply_buffer(&req);
+        let prefix = buf.len() - req.length as usize;
         if let Err(e) = b.read_at(&mut buf[prefix..], req.offset) {
             return self.send_error(&req, e.nbd_errno(), &e.to_string(), permits);
         }
+        self.finish_read_reply(&mut buf, &req);
+        self.send(buf, permits);
+    }
+
+    /// Fills in the header of a read reply whose payload is in place.
+    fn finish_read_reply(&self, buf: &mut [u8], req: &Request) {
+        let len = req.length as usize;
+        let hl = self.style.chunk_header_len();
         match self.style {
             ReplyStyle::Simple => proto::put_simple_reply(&mut buf[..16], 0, req.cookie),
             s => {
@@ -839,7 +950,6 @@ impl Conn {
                 buf[hl..hl + 8].copy_from_slice(&req.offset.to_be_bytes());
             }
         }
-        self.send(buf, permits);
     }
 
     fn send_ok_read_empty(&self, req: &Request, permits: Permits) {
