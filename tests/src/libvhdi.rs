@@ -83,11 +83,3 @@ impl Drop for VhdiMount {
         }
     }
 }
-
-/// The flattened disk of the chain whose leaf is `leaf`, as libvhdi reads it (mounted on a
-/// temporary directory, read whole, unmounted).
-pub fn read_leaf(leaf: &Path) -> Vec<u8> {
-    let mnt = tempfile::tempdir().expect("a mount point");
-    let m = VhdiMount::new(leaf, mnt.path());
-    std::fs::read(m.leaf_view()).expect("reading the leaf view vhdimount exposes")
-}

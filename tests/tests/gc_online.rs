@@ -9,7 +9,7 @@
 //! - SIGKILL at every step of compose and of an online leaf merge (DDSTOR_FAILPOINT), restart,
 //!   SR.attach: data intact, the work completed or undone, and the GC then finishes it.
 
-use ddstor_e2e::agent::{new_uuid, Agent, AgentOptions};
+use ddstor_e2e::agent::{Agent, AgentOptions};
 use ddstor_e2e::bin;
 use ddstor_e2e::nbd::RawClient;
 use serde_json::{json, Value};
@@ -45,20 +45,11 @@ fn start(root: &Path, cfg: &Path, env: Vec<(String, String)>) -> Agent {
 }
 
 fn new_sr(a: &Agent) -> String {
-    let sr = new_uuid();
-    a.ok("SR.create", json!({"sr": sr, "name_label": "gc"}));
-    a.ok("SR.attach", json!({"sr": sr}));
-    sr
+    a.create_attached_sr().0
 }
 
 fn create(a: &Agent, sr: &str) -> String {
-    a.ok(
-        "VDI.create",
-        json!({"sr": sr, "vdi_info": {"virtual_size": SIZE, "name_label": "d"}}),
-    )["vdi"]
-        .as_str()
-        .unwrap()
-        .to_string()
+    a.create_vdi(sr, "d", SIZE)
 }
 
 fn derive(a: &Agent, sr: &str, vdi: &str, method: &str) -> String {
@@ -160,9 +151,7 @@ fn read_file_chain(sr_dir: &Path, vdi: &str) -> Vec<u8> {
 
 /// The flattened disk of the chain whose leaf is `leaf`, read by libvhdi's `vhdimount`.
 fn libvhdi(leaf: &Path) -> Vec<u8> {
-    let mut d = ddstor_e2e::libvhdi::read_leaf(leaf);
-    d.truncate(SIZE as usize);
-    d
+    ddstor_e2e::agent::read_with_vhdimount(leaf, SIZE as usize)
 }
 
 fn chain_len(a: &Agent, vdi: &str) -> usize {
@@ -407,13 +396,7 @@ fn storage_migration_sequence_composes_the_received_leaf_onto_the_copied_base() 
         json!({"sr": sr, "vdi1": elsewhere, "vdi2": leaf}),
     );
     assert_eq!(p[0], "COMPOSE_ACROSS_SRS", "{p}");
-    let small = a.ok(
-        "VDI.create",
-        json!({"sr": sr, "vdi_info": {"virtual_size": 2 << 20}}),
-    )["vdi"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let small = a.create_vdi(&sr, "", 2 << 20);
     let (_, p) = a.err(
         "VDI.compose",
         json!({"sr": sr, "vdi1": parent, "vdi2": small}),

@@ -2,10 +2,10 @@
 //! leaves a long chain of hidden bases; the offline GC collapses it, every VDI reads what it
 //! should (ddstor's reader and libvhdi's), and the agent attaches the result.
 
-use ddstor_e2e::agent::{new_uuid, Agent, AgentOptions};
+use ddstor_e2e::agent::{Agent, AgentOptions};
 use ddstor_e2e::{bin, require_tool};
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 const SIZE: u64 = 8 << 20;
@@ -27,7 +27,7 @@ fn read_all(sr_dir: &Path, vdi: &str) -> Vec<u8> {
 
 /// The leaf's flattened view through libvhdi.
 fn libvhdi(leaf: &Path) -> Vec<u8> {
-    ddstor_e2e::libvhdi::read_leaf(leaf)
+    ddstor_e2e::agent::read_with_vhdimount(leaf, SIZE as usize)
 }
 
 fn gc(sr_dir: &Path) -> Value {
@@ -55,20 +55,8 @@ fn sr_gc_collapses_snapshot_churn_and_every_vdi_reads_as_before_in_libvhdi() {
             ..Default::default()
         },
     );
-    let sr = new_uuid();
-    let sr_dir = PathBuf::from(
-        a.ok("SR.create", json!({"sr": sr}))["path"]
-            .as_str()
-            .unwrap(),
-    );
-    a.ok("SR.attach", json!({"sr": sr}));
-    let v = a.ok(
-        "VDI.create",
-        json!({"sr": sr, "vdi_info": {"name_label": "v", "virtual_size": SIZE}}),
-    )["vdi"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (sr, sr_dir) = a.create_attached_sr();
+    let v = a.create_vdi(&sr, "v", SIZE);
     let mut kept = Vec::new();
     for i in 0..10u64 {
         let c = chain(&sr_dir, &v, true);

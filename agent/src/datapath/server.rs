@@ -19,8 +19,14 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
-/// Most requests in flight on one connection.
-const MAX_IN_FLIGHT: usize = 128;
+/// Most requests in flight on one connection (as qemu's NBD server: more requests than this
+/// only queue up in the socket). A large bound hurt: nbdcopy keeps 64 requests of 256 KiB in
+/// flight on each of 4 connections, and hundreds of blocking-pool threads copying at once on a
+/// small machine are slower than a few.
+const MAX_IN_FLIGHT: usize = 16;
+/// Inline replies handed to the writer once they add up to this many bytes, even if more
+/// requests are buffered (so a burst of big cached reads starts leaving early).
+const BATCH_BYTES: usize = 512 << 10;
 /// Most payload bytes in flight on one connection, in units of [`BYTE_UNIT`].
 const MAX_IN_FLIGHT_UNITS: usize = 4096;
 /// Unit of the byte budget (64 KiB; so 256 MiB per connection).
@@ -649,7 +655,9 @@ where
             }
         }
         conn.dispatch(req, has_payload, payload, permits, &mut batch);
-        if r.buffer().len() < hdr_len {
+        if r.buffer().len() < hdr_len
+            || batch.iter().map(|rep| rep.buf.len()).sum::<usize>() >= BATCH_BYTES
+        {
             // No next request is waiting in the buffer: send what was answered inline.
             conn.flush_batch(&mut batch);
         }

@@ -25,68 +25,68 @@ publish_wait() { # PATH LOG: the server published its ring
   wait_for 20 xenstore-read "$1/event-channel" || { dump "$2"; fail "server did not publish at $1"; }
 }
 
+# start_server KIND TAG COUNT: a server (KIND rust or c) for dom0 on port TAG, logging to
+# /tmp/TAG.s, serving COUNT clients (Rust only); waits until it published. Sets srv.
+start_server() {
+  case $1 in
+    rust) xenvm-vchan --dom 0 server 0 "$2" --count "$3" >/tmp/$2.s 2>&1 & ;;
+    c) vchan-peer server 0 "/local/domain/0/data/vchan/0/$2" >/tmp/$2.s 2>&1 & ;;
+  esac
+  srv=$!
+  publish_wait "/local/domain/0/data/vchan/0/$2" /tmp/$2.s
+}
+
+# client KIND TAG MODE: a client (KIND rust or c) of dom0's server on port TAG, in MODE
+# (hold: keep the vchan open and say "peer closed" when it goes; ping: one VCHAN_OK). Always
+# run in a subshell (`&` or a pipeline): exec makes the subshell's pid the client's, so $! can
+# be killed.
+client() {
+  case $1 in
+    rust) exec xenvm-vchan --dom 0 client 0 "$2" "$3" ;;
+    c) exec vchan-peer client 0 "/local/domain/0/data/vchan/0/$2" "$3" ;;
+  esac
+}
+
+# hold SERVER-KIND CLIENT-KIND TAG COUNT: server and a holding client, both connected (the C
+# server says nothing on connection: only the client's line counts then). Sets srv and cli.
+hold() {
+  start_server "$1" "$3" "$4"
+  client "$2" "$3" hold >/tmp/$3.c 2>&1 &
+  cli=$!
+  wait_grep 20 "connected" /tmp/$3.c || { dump /tmp/$3.c /tmp/$3.s; fail "$3: the $2 client did not connect"; }
+  if [ "$1" = rust ]; then
+    wait_grep 20 "client connected" /tmp/$3.s || { dump /tmp/$3.c /tmp/$3.s; fail "$3: the rust server did not see its client"; }
+  fi
+}
+
+# server_killed NAME SERVER-KIND CLIENT-KIND TAG: kill -9 the server; the holding client sees
+# its peer gone and exits cleanly.
+server_killed() {
+  hold "$2" "$3" "$4" 1
+  seen "$1" $srv "peer closed" /tmp/$4.c /tmp/$4.s
+  wait $cli; rc=$?
+  [ "$rc" -eq 0 ] || { dump /tmp/$4.c; fail "$1: the client exited rc=$rc"; }
+}
+
+# client_killed NAME CLIENT-KIND TAG: kill -9 the client of a Rust server; the server sees
+# it go, publishes a new ring and serves the next client.
+client_killed() {
+  hold rust "$2" "$3" 2
+  seen "$1" $cli "client 1 " /tmp/$3.s /tmp/$3.c
+  publish_wait "/local/domain/0/data/vchan/0/$3" /tmp/$3.s
+  client "$2" "$3" ping | grep -q VCHAN_OK || { dump /tmp/$3.s; fail "$1: the next client after the killed one"; }
+  wait $srv; rc=$?
+  [ "$rc" -eq 0 ] || { dump /tmp/$3.s; fail "$1: the server exited rc=$rc"; }
+}
+
 i=1
 while [ "$i" -le "$ITERS" ]; do
   info "=== iteration $i of $ITERS"
-  # 1. Rust server killed, C client holding.
-  P=/local/domain/0/data/vchan/0/k1-$i
-  xenvm-vchan --dom 0 server 0 k1-$i --count 1 >/tmp/k1s 2>&1 &
-  srv=$!
-  publish_wait $P /tmp/k1s
-  vchan-peer client 0 $P hold >/tmp/k1c 2>&1 &
-  cli=$!
-  wait_grep 20 "connected" /tmp/k1c && wait_grep 20 "client connected" /tmp/k1s || { dump /tmp/k1c /tmp/k1s; fail "1: C client did not connect"; }
-  seen "rust-server-killed/c-client" $srv "peer closed" /tmp/k1c /tmp/k1s
-  wait $cli || fail "1: C client rc=$?"
-
-  # 2. C server killed, Rust client holding.
-  P=/local/domain/0/data/vchan/0/k2-$i
-  vchan-peer server 0 $P >/tmp/k2s 2>&1 &
-  srv=$!
-  publish_wait $P /tmp/k2s
-  xenvm-vchan --dom 0 client 0 k2-$i hold >/tmp/k2c 2>&1 &
-  cli=$!
-  wait_grep 20 "connected" /tmp/k2c || { dump /tmp/k2c /tmp/k2s; fail "2: Rust client did not connect"; }
-  seen "c-server-killed/rust-client" $srv "peer closed" /tmp/k2c /tmp/k2s
-  wait $cli || { dump /tmp/k2c; fail "2: Rust client rc=$?"; }
-
-  # 3. Rust server killed, Rust client holding.
-  P=/local/domain/0/data/vchan/0/k3-$i
-  xenvm-vchan --dom 0 server 0 k3-$i --count 1 >/tmp/k3s 2>&1 &
-  srv=$!
-  publish_wait $P /tmp/k3s
-  xenvm-vchan --dom 0 client 0 k3-$i hold >/tmp/k3c 2>&1 &
-  cli=$!
-  wait_grep 20 "connected" /tmp/k3c && wait_grep 20 "client connected" /tmp/k3s || { dump /tmp/k3c /tmp/k3s; fail "3: Rust client did not connect"; }
-  seen "rust-server-killed/rust-client" $srv "peer closed" /tmp/k3c /tmp/k3s
-  wait $cli || { dump /tmp/k3c; fail "3: Rust client rc=$?"; }
-
-  # 4. Rust client killed while the Rust server serves it: the server sees it go and serves
-  #    the next client.
-  P=/local/domain/0/data/vchan/0/k4-$i
-  xenvm-vchan --dom 0 server 0 k4-$i --count 2 >/tmp/k4s 2>&1 &
-  srv=$!
-  publish_wait $P /tmp/k4s
-  xenvm-vchan --dom 0 client 0 k4-$i hold >/tmp/k4c 2>&1 &
-  cli=$!
-  wait_grep 20 "connected" /tmp/k4c && wait_grep 20 "client connected" /tmp/k4s || { dump /tmp/k4c /tmp/k4s; fail "4: Rust client did not connect"; }
-  seen "rust-client-killed/rust-server" $cli "client 1 " /tmp/k4s /tmp/k4c
-  publish_wait $P /tmp/k4s
-  xenvm-vchan --dom 0 client 0 k4-$i ping | grep -q VCHAN_OK || { dump /tmp/k4s; fail "4: next client after the killed one"; }
-  wait $srv || { dump /tmp/k4s; fail "4: server rc=$?"; }
-
-  # 5. C client killed while the Rust server serves it.
-  P=/local/domain/0/data/vchan/0/k5-$i
-  xenvm-vchan --dom 0 server 0 k5-$i --count 2 >/tmp/k5s 2>&1 &
-  srv=$!
-  publish_wait $P /tmp/k5s
-  vchan-peer client 0 $P hold >/tmp/k5c 2>&1 &
-  cli=$!
-  wait_grep 20 "connected" /tmp/k5c && wait_grep 20 "client connected" /tmp/k5s || { dump /tmp/k5c /tmp/k5s; fail "5: C client did not connect"; }
-  seen "c-client-killed/rust-server" $cli "client 1 " /tmp/k5s /tmp/k5c
-  publish_wait $P /tmp/k5s
-  vchan-peer client 0 $P ping | grep -q VCHAN_OK || { dump /tmp/k5s; fail "5: next client after the killed one"; }
-  wait $srv || { dump /tmp/k5s; fail "5: server rc=$?"; }
+  server_killed rust-server-killed/c-client rust c k1-$i
+  server_killed c-server-killed/rust-client c rust k2-$i
+  server_killed rust-server-killed/rust-client rust rust k3-$i
+  client_killed rust-client-killed/rust-server rust k4-$i
+  client_killed c-client-killed/rust-server c k5-$i
   i=$((i + 1))
 done
 bench close-detect-worst-of-$((ITERS * 5)) "$worst" ms
