@@ -243,11 +243,19 @@ impl SimXen {
             None
         };
         let mut watched = match &notify {
-            Some(n) if !unlink_on_release => self.register_mapper(refs[0], n),
+            Some(n) if !unlink_on_release && writable => self.register_mapper(refs[0], n),
             _ => None,
         };
         let addr = base as usize;
         let release = Box::new(move || {
+            if let Some((l, acceptor)) = watcher {
+                // Close the watch before the grant files go: a new share may reuse the first
+                // reference, and with it the socket name, as soon as they are gone.
+                // SAFETY: shutting down a socket this closure owns; wakes the blocked accept.
+                unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
+                let _ = acceptor.join();
+                drop(l);
+            }
             // SAFETY: unmapping exactly the range mapped above, once.
             unsafe { libc::munmap(addr as *mut libc::c_void, len) };
             for p in paths {
@@ -256,10 +264,6 @@ impl SimXen {
             if let Some(c) = watched.as_mut() {
                 // A clean release: the mapping's own notification has fired (or was disarmed).
                 let _ = c.write_all(&[MSG_RELEASED]);
-            }
-            if let Some(l) = watcher {
-                // SAFETY: shutting down a socket this closure owns; wakes the blocked accept.
-                unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
             }
         });
         let ptr = NonNull::new(base.cast::<u8>()).expect("mmap returned non-null");
@@ -279,7 +283,10 @@ impl SimXen {
 
     /// Owner side of the death notification: listens on [`SimXen::live_addr`] and, for each
     /// mapper that registers, waits (on a thread) for its release or its death.
-    fn watch_mappers(&self, first: GrantRef) -> Option<Arc<UnixListener>> {
+    fn watch_mappers(
+        &self,
+        first: GrantRef,
+    ) -> Option<(Arc<UnixListener>, std::thread::JoinHandle<()>)> {
         let l = match self
             .live_addr(first)
             .and_then(|a| UnixListener::bind_addr(&a))
@@ -303,7 +310,7 @@ impl SimXen {
                 }
             });
         match spawned {
-            Ok(_) => Some(l),
+            Ok(t) => Some((l, t)),
             Err(e) => {
                 tracing::debug!(error = %e, "sim: no death watch thread");
                 None
