@@ -36,6 +36,10 @@ pub trait Service: Send + Sync + 'static {
     }
 }
 
+/// The longest an SR.attach/detach/destroy waits for the announcer to publish its change
+/// before replying anyway (the announcer logs why it could not).
+pub const PUBLISH_WAIT: Duration = Duration::from_secs(5);
+
 /// Where the agent announces itself (xenstore registry). Errors are logged, never fatal.
 pub trait Announcer: Send + Sync + 'static {
     /// The agent listens: publish it (state `ready`) with the SRs it serves.
@@ -119,6 +123,12 @@ struct Shared {
     stopping: AtomicBool,
     idle: Notify,
     srs_changed: Notify,
+    /// Generation of SR-set changes asked for (bumped by each successful SR.attach/detach/destroy).
+    srs_requested: AtomicU64,
+    /// Generation the announcer has published; calls wait for it to catch up with theirs.
+    srs_published: tokio::sync::watch::Sender<u64>,
+    /// True while [`run_announcer`] runs, so SR calls wait for their publication.
+    announcer_running: AtomicBool,
     started: Instant,
     extra_diagnostics: std::sync::Mutex<Vec<(String, DiagFn)>>,
 }
@@ -177,6 +187,9 @@ impl Server {
                 stopping: AtomicBool::new(false),
                 idle: Notify::new(),
                 srs_changed: Notify::new(),
+                srs_requested: AtomicU64::new(0),
+                srs_published: tokio::sync::watch::channel(0).0,
+                announcer_running: AtomicBool::new(false),
                 started: Instant::now(),
                 extra_diagnostics: std::sync::Mutex::new(Vec::new()),
             }),
@@ -201,6 +214,26 @@ impl Server {
     /// True once shutdown began.
     pub fn is_stopping(&self) -> bool {
         self.shared.stopping.load(Ordering::Acquire)
+    }
+
+    /// Asks the announcer to publish the SR set and, while one runs, waits until it has
+    /// published a set that includes this call's change (at most [`PUBLISH_WAIT`]): once
+    /// SR.attach returns, a registry lookup of that SR finds this agent.
+    async fn publish_srs_before_reply(&self) {
+        let shared = &self.shared;
+        let want = shared.srs_requested.fetch_add(1, Ordering::AcqRel) + 1;
+        shared.srs_changed.notify_one();
+        if !shared.announcer_running.load(Ordering::Acquire) {
+            return;
+        }
+        let mut published = shared.srs_published.subscribe();
+        let caught_up = published.wait_for(|&g| g >= want);
+        if tokio::time::timeout(PUBLISH_WAIT, caught_up).await.is_err() {
+            tracing::warn!(
+                wait_ms = PUBLISH_WAIT.as_millis() as u64,
+                "the SR list was not published in time; replying anyway (lookups may lag)"
+            );
+        }
     }
 
     /// Resolves when a call may have changed the set of attached SRs.
@@ -275,7 +308,7 @@ impl Server {
                     }
                 };
                 if notify_srs && reply.is_ok() {
-                    shared.srs_changed.notify_one();
+                    self.publish_srs_before_reply().await;
                 }
                 match reply {
                     Ok(Response::Text(t)) if is_diagnostics => {
@@ -514,15 +547,23 @@ pub async fn run_vchan_listener(
 
 /// Keeps the announcer up to date: SR changes as they happen, load every `heartbeat`.
 pub async fn run_announcer(server: Server, announcer: Arc<dyn Announcer>, heartbeat: Duration) {
+    server
+        .shared
+        .announcer_running
+        .store(true, Ordering::Release);
     let mut tick = tokio::time::interval(heartbeat.max(Duration::from_millis(100)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = server.srs_changed() => {
+                // Every change asked for up to here is in the list read below.
+                let generation = server.shared.srs_requested.load(Ordering::Acquire);
                 let srs = server.attached_srs().await;
                 if let Err(e) = announcer.srs_changed(&srs).await {
                     tracing::warn!(error = %e, "cannot publish the SR list");
                 }
+                // Published or failed (logged): either way the waiting calls may reply.
+                server.shared.srs_published.send_modify(|g| *g = (*g).max(generation));
             }
             _ = tick.tick() => {
                 if let Err(e) = announcer.heartbeat(server.load()).await {

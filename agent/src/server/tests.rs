@@ -176,6 +176,55 @@ async fn sr_attach_notifies_the_announcer_side() {
     assert_eq!(server.attached_srs().await, vec![SrId::from("sr1")]);
 }
 
+/// Records what it was told to publish, slowly (as a loaded xenstored would).
+#[derive(Default)]
+struct SlowAnnouncer {
+    published: Mutex<Vec<Vec<SrId>>>,
+}
+
+impl Announcer for SlowAnnouncer {
+    fn ready<'a>(&'a self, _: &'a [SrId]) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn srs_changed<'a>(&'a self, srs: &'a [SrId]) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            self.published.lock().unwrap().push(srs.to_vec());
+            Ok(())
+        })
+    }
+    fn heartbeat(&self, _: u64) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn stopping(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn deregister(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[tokio::test]
+async fn sr_attach_replies_only_after_the_announcer_published_the_sr() {
+    let (server, _dir, path, _stop) = start().await;
+    let announcer = Arc::new(SlowAnnouncer::default());
+    tokio::spawn(run_announcer(
+        server.clone(),
+        announcer.clone(),
+        Duration::from_secs(3600),
+    ));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let c = AgentClient::connect_unix(&path).await.unwrap();
+    for sr in ["sr1", "sr2"] {
+        c.sr_attach(&sr.into(), Default::default()).await.unwrap();
+        let last = announcer.published.lock().unwrap().last().cloned();
+        assert!(
+            last.is_some_and(|srs| srs.contains(&SrId::from(sr))),
+            "{sr} was not published before SR.attach replied"
+        );
+    }
+}
+
 #[tokio::test]
 async fn garbage_on_one_connection_does_not_disturb_another() {
     use tokio::io::AsyncWriteExt;
