@@ -23,6 +23,26 @@ memory = 256
 vcpus = 1
 on_crash = "preserve"
 CFG
+# roundtrip VDEV TARGET: attach the guest's block device TARGET to dom0 as /dev/VDEV (blkback
+# in the guest, blkfront here), write 4 MiB of random data at 1 MiB with fsync, drop the caches
+# and read it back. Sets WANT (md5 of the data), WMS and RMS (write/read times in ms).
+roundtrip() {
+  local vdev=$1 target=$2 got t0
+  xl block-attach 0 "format=raw,vdev=$vdev,access=rw,backend=$name,backendtype=phy,script=/xenvm/guest.d/blk-hotplug,target=$target" \
+    || fail "xl block-attach 0 of $target with backend=$name"
+  wait_for 60 test -b /dev/$vdev || fail "/dev/$vdev did not appear in dom0"
+  info "dom0 sees $target as /dev/$vdev: $(cat /sys/class/block/$vdev/size) sectors"
+  dd if=/dev/urandom of=/tmp/pattern-$vdev bs=64k count=64 2>/dev/null
+  WANT=$(md5sum </tmp/pattern-$vdev | cut -d' ' -f1)
+  t0=$(now_ms)
+  dd if=/tmp/pattern-$vdev of=/dev/$vdev bs=64k seek=16 conv=fsync 2>/dev/null || fail "writing /dev/$vdev"
+  WMS=$(($(now_ms) - t0))
+  blockdev --flushbufs /dev/$vdev; echo 3 >/proc/sys/vm/drop_caches
+  t0=$(now_ms)
+  got=$(dd if=/dev/$vdev bs=64k skip=16 count=64 2>/dev/null | md5sum | cut -d' ' -f1)
+  RMS=$(($(now_ms) - t0))
+  [ "$got" = "$WANT" ] || fail "dom0 read back $got from /dev/$vdev ($target), wrote $WANT"
+}
 guestlog() {
   echo "--- guest console"; tail -40 /var/log/xen/guest-$name.log
   [ -n "${dom:-}" ] && GX_TIMEOUT=20 guest_exec $dom 'tail -20 /var/log/xen/devd.log; cat /var/log/xen/blk-hotplug.log; dmesg | tail -20'
@@ -36,20 +56,8 @@ info "driver domain is domain $dom"
 wait_for 180 xenstore-read /local/domain/$dom/data/xenvm-exec/ready || fail "the guest's job did not start"
 guest_exec $dom 'dd if=/dev/zero of=/tmp/disk.img bs=1M count=16 2>/dev/null && losetup /dev/loop0 /tmp/disk.img && losetup /dev/loop0' \
   || fail "loop device in the guest"
-xl block-attach 0 "format=raw,vdev=xvdb,access=rw,backend=$name,backendtype=phy,script=/xenvm/guest.d/blk-hotplug,target=/dev/loop0" \
-  || fail "xl block-attach 0 with backend=$name"
-wait_for 60 test -b /dev/xvdb || fail "/dev/xvdb did not appear in dom0"
-info "dom0 sees /dev/xvdb: $(cat /sys/class/block/xvdb/size) sectors"
-dd if=/dev/urandom of=/tmp/pattern bs=64k count=64 2>/dev/null
-want=$(md5sum </tmp/pattern | cut -d' ' -f1)
-t0=$(now_ms)
-dd if=/tmp/pattern of=/dev/xvdb bs=64k seek=16 conv=fsync 2>/dev/null || fail "writing /dev/xvdb"
-lwms=$(($(now_ms) - t0))
-blockdev --flushbufs /dev/xvdb; echo 3 >/proc/sys/vm/drop_caches
-t0=$(now_ms)
-got=$(dd if=/dev/xvdb bs=64k skip=16 count=64 2>/dev/null | md5sum | cut -d' ' -f1)
-lrms=$(($(now_ms) - t0))
-[ "$got" = "$want" ] || fail "dom0 read back $got, wrote $want"
+roundtrip xvdb /dev/loop0
+want=$WANT lwms=$WMS lrms=$RMS
 inguest=$(guest_exec $dom 'dd if=/tmp/disk.img bs=64k skip=16 count=64 2>/dev/null | md5sum') || fail "checksum in the guest"
 echo "$inguest" | grep -q "$want" || fail "the guest's file has $inguest, dom0 wrote $want"
 info "4 MiB written by dom0 through the driver domain's blkback: md5 $want in dom0 and in the guest"
@@ -85,20 +93,8 @@ else
     || fail "nbd-client in the guest could not connect /dev/nbd0 to the agent's export $export"
 fi
 info "the VDI in the guest: $via"
-xl block-attach 0 "format=raw,vdev=xvdc,access=rw,backend=$name,backendtype=phy,script=/xenvm/guest.d/blk-hotplug,target=$bdev" \
-  || fail "xl block-attach 0 of $bdev with backend=$name"
-wait_for 60 test -b /dev/xvdc || fail "/dev/xvdc did not appear in dom0"
-info "dom0 sees the VDI as /dev/xvdc: $(cat /sys/class/block/xvdc/size) sectors"
-dd if=/dev/urandom of=/tmp/pattern2 bs=64k count=64 2>/dev/null
-want2=$(md5sum </tmp/pattern2 | cut -d' ' -f1)
-t0=$(now_ms)
-dd if=/tmp/pattern2 of=/dev/xvdc bs=64k seek=16 conv=fsync 2>/dev/null || fail "writing /dev/xvdc"
-wms=$(($(now_ms) - t0))
-blockdev --flushbufs /dev/xvdc; echo 3 >/proc/sys/vm/drop_caches
-t0=$(now_ms)
-got2=$(dd if=/dev/xvdc bs=64k skip=16 count=64 2>/dev/null | md5sum | cut -d' ' -f1)
-rms=$(($(now_ms) - t0))
-[ "$got2" = "$want2" ] || fail "dom0 read back $got2 from the VDI, wrote $want2"
+roundtrip xvdc "$bdev"
+want2=$WANT wms=$WMS rms=$RMS
 # The peer: the same 4 MiB through the same blkfront/blkback path onto the guest's loop device
 # (no nbd, no ddstor), measured above in this boot.
 bench dd-write-4MiB-via-driver-domain-ddstor "$wms" ms
