@@ -695,6 +695,28 @@ proptest! {
 
 // ---- fuzz findings, kept as named regressions ----
 
+/// fuzz `locators` crash-e75ad4a9: locator text starting with "tdbatmap", written where the
+/// locator's data sits right after the BAT, reads as a batmap header there. Opening such a
+/// disk is refused with a clear overlap error (the harness had assumed any locator text keeps
+/// the disk openable); nothing panics.
+#[test]
+fn fuzz_regression_locator_text_that_looks_like_a_batmap_header_is_a_clear_error() {
+    let base = mem_dynamic(64 * 1024);
+    let child = mem_child(&base, "b");
+    let d = Disk::from_io(child.clone(), "c", false).unwrap();
+    let loc = d
+        .header()
+        .unwrap()
+        .locators
+        .iter()
+        .find(|l| l.data_len > 0)
+        .cloned()
+        .unwrap();
+    child.write_at(b"tdbatmap", loc.data_offset).unwrap();
+    let e = Disk::from_io(child, "c", false).expect_err("a batmap cookie over the locator");
+    assert!(e.to_string().contains("batmap"), "unexpected error: {e}");
+}
+
 /// fuzz `disk` crash-95bd2b6c: a dynamic disk whose (meaningless) locator entry pointed past the
 /// end of a short file opened, was written (the file grew over that range), then failed to
 /// reopen with "parent locator overlaps footer copy". Locators of non-differencing disks are now
