@@ -18,6 +18,11 @@ pub struct NbdServe {
 impl NbdServe {
     /// Serves `file` with extra `ddstor nbd serve` arguments (e.g. `--read-only`).
     pub fn start(file: &Path, extra: &[&str]) -> NbdServe {
+        Self::start_env(file, extra, &[])
+    }
+
+    /// Like [`NbdServe::start`], with extra environment variables (tuning knobs).
+    pub fn start_env(file: &Path, extra: &[&str], env: &[(&str, &str)]) -> NbdServe {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("nbd.sock");
         let child = Command::new(crate::bin("ddstor"))
@@ -27,6 +32,7 @@ impl NbdServe {
             .arg("--socket")
             .arg(&socket)
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn ddstor nbd serve");
@@ -197,6 +203,15 @@ impl RawClient {
 
     /// Reads a simple reply: (error, cookie), then `data_len` bytes of data if error == 0.
     pub fn simple_reply(&mut self, data_len: usize) -> std::io::Result<(u32, u64, Vec<u8>)> {
+        self.simple_reply_for(|_| data_len)
+    }
+
+    /// Reads a simple reply whose data length depends on its cookie (pipelined requests are
+    /// answered in any order): (error, cookie, data).
+    pub fn simple_reply_for(
+        &mut self,
+        data_len: impl Fn(u64) -> usize,
+    ) -> std::io::Result<(u32, u64, Vec<u8>)> {
         let mut h = [0u8; 16];
         self.s.read_exact(&mut h)?;
         assert_eq!(
@@ -207,6 +222,7 @@ impl RawClient {
         let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
         let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
         let mut d = vec![];
+        let data_len = data_len(cookie);
         if err == 0 && data_len > 0 {
             d = vec![0u8; data_len];
             self.s.read_exact(&mut d)?;

@@ -80,6 +80,30 @@ pub struct Chain {
 /// Where a run of sectors of a block comes from.
 type Run = (u32, u32, Option<usize>);
 
+/// One piece of a [`Chain::read_plan`]: `len` bytes that are zeros, or that lie contiguously
+/// in one layer's file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadPiece {
+    /// Length in bytes (> 0).
+    pub len: u64,
+    /// Where the bytes are.
+    pub source: PieceSource,
+}
+
+/// Where the bytes of a [`ReadPiece`] are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PieceSource {
+    /// Allocated in no layer: zeros.
+    Zero,
+    /// In layer `layer` (index into [`Chain::layers`]) at byte `file_offset` of its file.
+    File {
+        /// Index into [`Chain::layers`], 0 = leaf.
+        layer: usize,
+        /// Byte offset in that layer's file.
+        file_offset: u64,
+    },
+}
+
 impl Chain {
     /// Opens the chain whose leaf is `leaf`, following parent locators inside `opts.root`.
     pub fn open(leaf: &Path, opts: &ChainOptions) -> Result<Chain> {
@@ -346,6 +370,62 @@ impl Chain {
             }
         }
         Ok(true)
+    }
+
+    /// Where the `len` bytes at `offset` are, without reading them: pieces in disk order, each
+    /// zeros or a contiguous byte range of one layer's file, adjacent ones merged. Lets a
+    /// server send file data without copying it (splice/sendfile from the layer's file). Reads
+    /// sector bitmaps that are not cached yet, so it may block.
+    pub fn read_plan(&self, offset: u64, len: u64) -> Result<Vec<ReadPiece>> {
+        self.check_range(offset, len)?;
+        let bs = self.block_size;
+        let end = offset + len;
+        let mut out: Vec<ReadPiece> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let b = pos / bs;
+            let in_block = pos % bs;
+            let bend = (b * bs + bs).min(end);
+            let s0 = (in_block / SECTOR) as u32;
+            let s1 = (bend - b * bs).div_ceil(SECTOR) as u32;
+            for (rs, re, src) in self.resolve(b, s0, s1)? {
+                let a = (b * bs + rs as u64 * SECTOR).max(pos);
+                let z = (b * bs + re as u64 * SECTOR).min(bend);
+                let source = match src {
+                    Some(layer) => PieceSource::File {
+                        layer,
+                        file_offset: self.layers[layer].data_offset(b)? + (a - b * bs),
+                    },
+                    None => PieceSource::Zero,
+                };
+                let merged = match (out.last_mut(), source) {
+                    (Some(l), PieceSource::Zero) if l.source == PieceSource::Zero => {
+                        l.len += z - a;
+                        true
+                    }
+                    (
+                        Some(ReadPiece {
+                            len: ll,
+                            source:
+                                PieceSource::File {
+                                    layer: la,
+                                    file_offset: fa,
+                                },
+                        }),
+                        PieceSource::File { layer, file_offset },
+                    ) if *la == layer && *fa + *ll == file_offset => {
+                        *ll += z - a;
+                        true
+                    }
+                    _ => false,
+                };
+                if !merged {
+                    out.push(ReadPiece { len: z - a, source });
+                }
+            }
+            pos = bend;
+        }
+        Ok(out)
     }
 
     /// Writes `buf` at `offset` into the leaf, allocating blocks as needed. Unaligned edges

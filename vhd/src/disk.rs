@@ -559,7 +559,9 @@ impl Disk {
         })
     }
 
-    fn data_offset(&self, b: u64) -> Result<u64> {
+    /// Byte offset in the file of block `b`'s data (after its bitmap). The block must be
+    /// allocated.
+    pub(crate) fn data_offset(&self, b: u64) -> Result<u64> {
         if self.footer.disk_type == DiskType::Fixed {
             return Ok(b * self.block_size);
         }

@@ -32,6 +32,11 @@ pub trait BlockIo: Send + Sync {
         let _ = (buf, offset);
         Ok(false)
     }
+    /// The operating-system file behind this object, if it is one (lets a server move its
+    /// pages to a socket without copying them). The default is `None`.
+    fn as_file(&self) -> Option<&File> {
+        None
+    }
 }
 
 impl BlockIo for File {
@@ -52,6 +57,9 @@ impl BlockIo for File {
     }
     fn try_read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
         read_nowait(self, buf, offset)
+    }
+    fn as_file(&self) -> Option<&File> {
+        Some(self)
     }
 }
 

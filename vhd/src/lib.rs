@@ -17,7 +17,10 @@ pub mod error;
 pub mod format;
 pub mod io;
 
-pub use chain::{resolve_parent, Chain, ChainOptions, Extent, ExtentState, DEFAULT_MAX_DEPTH};
+pub use chain::{
+    resolve_parent, Chain, ChainOptions, Extent, ExtentState, PieceSource, ReadPiece,
+    DEFAULT_MAX_DEPTH,
+};
 pub use check::{check, check_io, CheckReport, Problem};
 pub use coalesce::{coalesce, coalesce_disks, relink, CoalesceOptions, CoalesceReport};
 pub use create::{

@@ -52,6 +52,63 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Reads `len` bytes at `off` by following [`Chain::read_plan`] (the layers' files directly).
+fn read_by_plan(c: &Chain, off: u64, len: u64) -> Vec<u8> {
+    let plan = c.read_plan(off, len).unwrap();
+    assert_eq!(plan.iter().map(|p| p.len).sum::<u64>(), len);
+    let mut out = Vec::new();
+    for (i, p) in plan.iter().enumerate() {
+        assert!(p.len > 0);
+        if i > 0 {
+            assert!(
+                !(plan[i - 1].source == PieceSource::Zero && p.source == PieceSource::Zero),
+                "adjacent zero pieces are merged"
+            );
+        }
+        match p.source {
+            PieceSource::Zero => out.resize(out.len() + p.len as usize, 0),
+            PieceSource::File { layer, file_offset } => {
+                let mut b = vec![0u8; p.len as usize];
+                c.layers()[layer].io().read_at(&mut b, file_offset).unwrap();
+                out.extend_from_slice(&b);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn read_plan_of_a_snapshot_chain_names_parent_bytes_child_bytes_and_zeros() {
+    let base = mem_dynamic(4 * BS as u64);
+    {
+        let c = mem_chain(std::slice::from_ref(&base));
+        c.write_at(&pattern(1, 2 * BS as usize), 0).unwrap();
+    }
+    let child = mem_child(&base, "base");
+    let c = mem_chain(&[child, base]);
+    c.write_at(&pattern(2, 4096), 4096).unwrap();
+    let plan = c.read_plan(0, 4 * BS as u64).unwrap();
+    let layers: Vec<_> = plan
+        .iter()
+        .map(|p| match p.source {
+            PieceSource::Zero => None,
+            PieceSource::File { layer, .. } => Some(layer),
+        })
+        .collect();
+    // parent [0,4K), child [4K,8K), parent to the end of block 0, parent's block 1 (a
+    // separate piece: its bitmap sits between the two blocks' data in the file), zeros.
+    assert_eq!(layers, vec![Some(1), Some(0), Some(1), Some(1), None]);
+    assert_eq!(plan[3].len, BS as u64);
+    assert_eq!(plan[4].len, 2 * BS as u64);
+    assert_eq!(read_by_plan(&c, 0, 4 * BS as u64), read_all(&c));
+    assert_eq!(read_by_plan(&c, 4000, 5000), {
+        let mut b = vec![0u8; 5000];
+        c.read_at(&mut b, 4000).unwrap();
+        b
+    });
+    assert!(c.read_plan(4 * BS as u64 - 1, 2).is_err(), "past the end");
+}
+
 fn read_all(c: &Chain) -> Vec<u8> {
     let mut v = vec![0u8; c.virtual_size() as usize];
     c.read_at(&mut v, 0).unwrap();
@@ -673,6 +730,8 @@ proptest! {
                     let mut b = vec![0u8; len];
                     chain.read_at(&mut b, off).unwrap();
                     prop_assert_eq!(&b[..], &model[off as usize..off as usize + len]);
+                    // The read plan names the same bytes: the layers' file bytes or zeros.
+                    prop_assert_eq!(read_by_plan(&chain, off, len as u64), b);
                 }
             }
             // block_status agrees with the data: Zero extents read as zeros.

@@ -1,7 +1,7 @@
 //! [`BlockBackend`] for a VHD chain ([`vhd::Chain`]): reads through the chain, writes into the
 //! leaf, block status straight from the BATs and sector bitmaps.
 
-use super::backend::{BlockBackend, Extent, ExtentState};
+use super::backend::{BlockBackend, Extent, ExtentState, PlanPiece};
 use super::Error;
 use std::path::Path;
 
@@ -57,6 +57,22 @@ impl BlockBackend for ChainBackend {
     }
     fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool, Error> {
         self.chain.try_read_at(buf, offset).map_err(vhd_error)
+    }
+    fn read_plan(&self, offset: u64, len: u64) -> Result<Option<Vec<PlanPiece>>, Error> {
+        let plan = self.chain.read_plan(offset, len).map_err(vhd_error)?;
+        let layers = self.chain.layers();
+        Ok(Some(
+            plan.into_iter()
+                .map(|p| match p.source {
+                    vhd::PieceSource::Zero => PlanPiece::Zero(p.len),
+                    vhd::PieceSource::File { layer, file_offset } => PlanPiece::File {
+                        file: layers[layer].io().clone(),
+                        offset: file_offset,
+                        len: p.len,
+                    },
+                })
+                .collect(),
+        ))
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), Error> {
         self.chain.write_at(buf, offset).map_err(vhd_error)

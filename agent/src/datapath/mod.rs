@@ -6,6 +6,7 @@
 //! - [`server`]: the NBD server on tokio (fixed newstyle; structured replies; extended headers;
 //!   `base:allocation`; many requests in flight per connection, many connections per export).
 //! - [`proto`]: the NBD wire format.
+//! - [`splice`]: zero-copy read replies (file pages spliced through a pipe into the socket).
 //! - [`kernel`]: kernel nbd devices (`/dev/nbdN`, ioctls) connected to exports, for blkback.
 //! - [`manager`]: per-datapath state of every VDI (xapi's `vdi_automaton`), persisted, driving
 //!   the exports; the engine's [`crate::core::datapath::DatapathHooks`].
@@ -17,12 +18,13 @@ pub mod kernel;
 pub mod manager;
 pub mod proto;
 pub mod server;
+pub mod splice;
 
-pub use backend::{BlockBackend, Extent, ExtentState, MemBackend, RawFileBackend};
+pub use backend::{BlockBackend, Extent, ExtentState, MemBackend, PlanPiece, RawFileBackend};
 pub use chain::ChainBackend;
 pub use export::{Export, ExportOptions, Exports};
 pub use manager::Datapaths;
-pub use server::{serve_connection, NbdServer};
+pub use server::{serve_connection, NbdServer, NbdSink};
 
 /// Errors of the datapath.
 #[derive(Debug, thiserror::Error)]

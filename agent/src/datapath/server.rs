@@ -10,11 +10,14 @@
 //! Requests in flight per connection are bounded (count and bytes) and a permit is released
 //! only once its reply is written, so a client that never reads its replies stalls only itself.
 
-use super::backend::{Extent, ExtentState};
+use super::backend::{Extent, ExtentState, PlanPiece};
 use super::export::{Export, Exports};
 use super::proto::{self, errno, ReplyStyle, Request};
+use super::splice::{FilledPipe, Piece, PipePool};
 use super::Error;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -46,6 +49,27 @@ fn inline_read_max() -> u64 {
             .unwrap_or(INLINE_READ_MAX_DEFAULT)
     })
 }
+/// Default of the smallest read sent zero-copy (spliced from the page cache through a pipe;
+/// see [`super::splice`]) when the connection is a socket. Below it, copying costs less than
+/// the pipe's system calls.
+const ZERO_COPY_MIN_DEFAULT: u64 = 32 << 10;
+
+/// The smallest read sent zero-copy: `DDSTOR_NBD_ZERO_COPY_MIN` (bytes; 0 = never), a tuning
+/// knob for benchmarks, else [`ZERO_COPY_MIN_DEFAULT`].
+fn zero_copy_min() -> u64 {
+    static V: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        match std::env::var("DDSTOR_NBD_ZERO_COPY_MIN")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            Some(0) => u64::MAX,
+            Some(v) => v,
+            None => ZERO_COPY_MIN_DEFAULT,
+        }
+    })
+}
+
 /// Time a client has to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most extents returned in one block status reply.
@@ -65,6 +89,61 @@ fn big_buffers(s: socket2::SockRef<'_>) {
         tracing::debug!(error = %e, "could not enlarge the NBD socket buffers");
     }
 }
+
+/// The write side of an NBD connection: any byte stream; a socket also offers
+/// [`NbdSink::socket`], through which read replies are spliced without copying.
+pub trait NbdSink: AsyncWrite + Unpin + Send + 'static {
+    /// The socket under this stream, if it is one (the default: not).
+    fn socket(&self) -> Option<&dyn SpliceSocket> {
+        None
+    }
+}
+
+/// A non-blocking socket that replies can be spliced into from a pipe.
+pub trait SpliceSocket: Send + Sync {
+    /// Ready when the socket may take more bytes.
+    fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>>;
+    /// Moves what the socket takes now from `pipe`; `WouldBlock` (readiness cleared) if none.
+    fn try_splice(&self, pipe: &mut FilledPipe) -> std::io::Result<usize>;
+}
+
+impl SpliceSocket for tokio::net::UnixStream {
+    fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.poll_write_ready(cx)
+    }
+    fn try_splice(&self, pipe: &mut FilledPipe) -> std::io::Result<usize> {
+        self.try_io(tokio::io::Interest::WRITABLE, || {
+            pipe.splice_to(self.as_raw_fd())
+        })
+    }
+}
+
+impl SpliceSocket for tokio::net::TcpStream {
+    fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.poll_write_ready(cx)
+    }
+    fn try_splice(&self, pipe: &mut FilledPipe) -> std::io::Result<usize> {
+        self.try_io(tokio::io::Interest::WRITABLE, || {
+            pipe.splice_to(self.as_raw_fd())
+        })
+    }
+}
+
+impl NbdSink for tokio::net::unix::OwnedWriteHalf {
+    fn socket(&self) -> Option<&dyn SpliceSocket> {
+        Some(self.as_ref())
+    }
+}
+
+impl NbdSink for tokio::net::tcp::OwnedWriteHalf {
+    fn socket(&self) -> Option<&dyn SpliceSocket> {
+        Some(self.as_ref())
+    }
+}
+
+impl NbdSink for tokio::io::DuplexStream {}
+
+impl<T: AsyncRead + AsyncWrite + Send + 'static> NbdSink for tokio::io::WriteHalf<T> {}
 
 /// An NBD server offering a run-time set of exports.
 #[derive(Clone, Default)]
@@ -141,7 +220,7 @@ struct Session {
 pub async fn serve_connection<R, W>(r: R, w: W, exports: Exports) -> Result<(), ConnError>
 where
     R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: NbdSink,
 {
     let mut r = BufReader::with_capacity(256 << 10, r);
     let mut w = BufWriter::with_capacity(256 << 10, w);
@@ -163,7 +242,7 @@ where
 pub async fn serve_negotiated<R, W>(r: R, w: W, export: Arc<Export>) -> Result<(), ConnError>
 where
     R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: NbdSink,
 {
     let r = BufReader::with_capacity(256 << 10, r);
     let w = BufWriter::with_capacity(256 << 10, w);
@@ -528,8 +607,25 @@ where
 
 /// A finished reply with the permits it holds until written.
 struct Reply {
-    buf: Vec<u8>,
+    body: Body,
     _permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
+}
+
+/// What a reply's bytes are in.
+enum Body {
+    /// The whole reply in memory.
+    Bytes(Vec<u8>),
+    /// The whole reply in a pipe, to be spliced into the socket.
+    Pipe(FilledPipe),
+}
+
+impl Body {
+    fn len(&self) -> usize {
+        match self {
+            Body::Bytes(b) => b.len(),
+            Body::Pipe(p) => p.remaining(),
+        }
+    }
 }
 
 /// State shared by the request tasks of one connection.
@@ -540,6 +636,8 @@ struct Conn {
     tx: mpsc::UnboundedSender<Reply>,
     /// Turns true when the connection is dead: waiting requests give up.
     abort: watch::Receiver<bool>,
+    /// Pipes for zero-copy read replies; `None` when the stream is not a socket.
+    pipes: Option<Arc<PipePool>>,
 }
 
 async fn transmission<R, W>(
@@ -549,11 +647,12 @@ async fn transmission<R, W>(
 ) -> Result<(), ConnError>
 where
     R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: NbdSink,
 {
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
     let (abort_tx, abort_rx) = watch::channel(false);
     let abort_tx = Arc::new(abort_tx);
+    let pipes = w.get_ref().socket().is_some().then(PipePool::new);
     let writer = tokio::spawn(writer_task(w, rx, abort_tx.clone()));
     let conn = Arc::new(Conn {
         export: s.export.clone(),
@@ -561,6 +660,7 @@ where
         base_allocation: s.base_allocation,
         tx,
         abort: abort_rx,
+        pipes,
     });
     let count = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let bytes = Arc::new(Semaphore::new(MAX_IN_FLIGHT_UNITS));
@@ -656,7 +756,7 @@ where
         }
         conn.dispatch(req, has_payload, payload, permits, &mut batch);
         if r.buffer().len() < hdr_len
-            || batch.iter().map(|rep| rep.buf.len()).sum::<usize>() >= BATCH_BYTES
+            || batch.iter().map(|rep| rep.body.len()).sum::<usize>() >= BATCH_BYTES
         {
             // No next request is waiting in the buffer: send what was answered inline.
             conn.flush_batch(&mut batch);
@@ -672,17 +772,16 @@ where
     result
 }
 
-async fn writer_task<W: AsyncWrite + Unpin>(
+async fn writer_task<W: NbdSink>(
     mut w: BufWriter<W>,
     mut rx: mpsc::UnboundedReceiver<Reply>,
     abort: Arc<watch::Sender<bool>>,
 ) {
     let res: std::io::Result<()> = async {
         while let Some(rep) = rx.recv().await {
-            w.write_all(&rep.buf).await?;
-            drop(rep);
+            write_reply(&mut w, rep).await?;
             while let Ok(rep) = rx.try_recv() {
-                w.write_all(&rep.buf).await?;
+                write_reply(&mut w, rep).await?;
             }
             w.flush().await?;
         }
@@ -692,6 +791,36 @@ async fn writer_task<W: AsyncWrite + Unpin>(
     if let Err(e) = res {
         tracing::debug!(error = %e, "NBD reply writer stopped");
         abort.send_replace(true);
+    }
+}
+
+/// Writes one reply: bytes into the buffer; a pipe (after what is buffered) straight into the
+/// socket, or copied where the stream is not a socket.
+async fn write_reply<W: NbdSink>(w: &mut BufWriter<W>, rep: Reply) -> std::io::Result<()> {
+    match rep.body {
+        Body::Bytes(ref b) => w.write_all(b).await,
+        Body::Pipe(mut pipe) => {
+            w.flush().await?;
+            match w.get_ref().socket() {
+                Some(sock) => {
+                    while pipe.remaining() > 0 {
+                        match sock.try_splice(&mut pipe) {
+                            Ok(_) => {}
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                                std::future::poll_fn(|cx| sock.poll_writable(cx)).await?;
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    Ok(())
+                }
+                None => {
+                    let mut b = Vec::with_capacity(pipe.remaining());
+                    pipe.drain_into(&mut b)?;
+                    w.write_all(&b).await
+                }
+            }
+        }
     }
 }
 
@@ -707,9 +836,13 @@ impl Conn {
     }
 
     fn send(&self, buf: Vec<u8>, permits: Permits) {
+        self.send_body(Body::Bytes(buf), permits);
+    }
+
+    fn send_body(&self, body: Body, permits: Permits) {
         // If the writer is gone the connection is dead; the reply is moot.
         let _ = self.tx.send(Reply {
-            buf,
+            body,
             _permits: permits,
         });
     }
@@ -861,7 +994,7 @@ impl Conn {
                         drop(pass);
                         self.finish_read_reply(&mut buf, &req);
                         batch.push(Reply {
-                            buf,
+                            body: Body::Bytes(buf),
                             _permits: permits,
                         });
                     }
@@ -930,6 +1063,15 @@ impl Conn {
     }
 
     fn execute_read(&self, b: &dyn super::BlockBackend, req: Request, permits: Permits) {
+        if req.length >= zero_copy_min() {
+            if let Some(pipe) = self
+                .pipes
+                .as_ref()
+                .and_then(|p| self.zero_copy_read(p, b, &req))
+            {
+                return self.send_body(Body::Pipe(pipe), permits);
+            }
+        }
         let mut buf = self.read_reply_buffer(&req);
         let prefix = buf.len() - req.length as usize;
         if let Err(e) = b.read_at(&mut buf[prefix..], req.offset) {
@@ -937,6 +1079,40 @@ impl Conn {
         }
         self.finish_read_reply(&mut buf, &req);
         self.send(buf, permits);
+    }
+
+    /// The reply to read `req` assembled in a pipe: header, then the data spliced from the
+    /// backend's files. `None` when the backend has no files or anything fails — the caller
+    /// then reads by copying, which also reports any error the proper way.
+    fn zero_copy_read(
+        &self,
+        pool: &Arc<PipePool>,
+        b: &dyn super::BlockBackend,
+        req: &Request,
+    ) -> Option<FilledPipe> {
+        let plan = b.read_plan(req.offset, req.length).ok()??;
+        let mut hdr = self.read_reply_buffer(&Request { length: 0, ..*req });
+        self.finish_read_reply(&mut hdr, req);
+        let mut pieces = Vec::with_capacity(plan.len() + 1);
+        pieces.push(Piece::Bytes(&hdr));
+        for p in &plan {
+            pieces.push(match p {
+                PlanPiece::Zero(n) => Piece::Zero(*n),
+                PlanPiece::File { file, offset, len } => Piece::File {
+                    file: file.as_file()?,
+                    offset: *offset,
+                    len: *len,
+                },
+            });
+        }
+        match pool.fill(&pieces) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(export = self.export.name(), offset = req.offset,
+                    length = req.length, error = %e, "zero-copy read declined; copying");
+                None
+            }
+        }
     }
 
     /// Fills in the header of a read reply whose payload is in place.
