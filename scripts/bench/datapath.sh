@@ -9,9 +9,12 @@
 #   3. allocating writes into an empty dynamic VHD with `qemu-img bench -w`, 256 KiB, QD16 (MiB/s)
 #   4. ddstor only: 4 KiB reads (QD16) through a chain of depth 100 versus the same data at depth 1
 # Both servers serve from the page cache (the file was just written), over unix sockets.
+# Each figure is the median of ROUNDS runs (default 3), the two servers taking turns, so a
+# burst of other load on the machine hits both alike.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SIZE=${1:-1G}
+ROUNDS=${ROUNDS:-3}
 
 for t in qemu-img qemu-io qemu-nbd nbdcopy; do
   command -v "$t" >/dev/null || { echo "datapath.sh: $t missing (apt-get install qemu-utils libnbd-bin)" >&2; exit 1; }
@@ -44,6 +47,18 @@ uri() { echo "nbd+unix:///?socket=$1"; }
 now() { date +%s.%N; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "n/a" }'; }
 row() { printf '%-44s %14s %14s %9s\n' "$1" "$2" "$3" "$(ratio "$2" "$3")"; }
+median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+# pair LABEL CMD...: runs "CMD... A" and "CMD... B" ROUNDS times, alternating, and prints a
+# row of the two medians (A = ddstor's socket, B = the peer's; set by the caller).
+pair() {
+  local label=$1; shift
+  local a=() b=() i
+  for i in $(seq "$ROUNDS"); do
+    a+=("$("$@" "$A")")
+    b+=("$("$@" "$B")")
+  done
+  row "$label" "$(printf '%s\n' "${a[@]}" | median)" "$(printf '%s\n' "${b[@]}" | median)"
+}
 
 # qemu-img bench: prints "Run completed in N seconds."; returns IOPS (or MiB/s with $4 = size).
 bench_iops() { # uri depth count [extra...]
@@ -73,26 +88,26 @@ seq_read() {
   awk -v m="$MIB" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.0f", m / (b - a) }'
 }
 nbdcopy "$(uri "$W/d.sock")" null: ; nbdcopy "$(uri "$W/q.sock")" null:  # warm both
-row "sequential read, nbdcopy (MiB/s)" "$(seq_read "$W/d.sock")" "$(seq_read "$W/q.sock")"
-row "4K random read QD1, qemu-img bench (IOPS)" \
-  "$(bench_iops "$(uri "$W/d.sock")" 1 "$N1" -s 4k -S $STEP)" \
-  "$(bench_iops "$(uri "$W/q.sock")" 1 "$N1" -s 4k -S $STEP)"
-row "4K random read QD16, qemu-img bench (IOPS)" \
-  "$(bench_iops "$(uri "$W/d.sock")" 16 "$N16" -s 4k -S $STEP)" \
-  "$(bench_iops "$(uri "$W/q.sock")" 16 "$N16" -s 4k -S $STEP)"
+A=$W/d.sock B=$W/q.sock
+pair "sequential read, nbdcopy (MiB/s)" seq_read
+# bench_at DEPTH COUNT [args] SOCKET: IOPS of qemu-img bench on SOCKET.
+bench_at() { local d=$1 c=$2; shift 2; local s=${*: -1}; bench_iops "$(uri "$s")" "$d" "$c" "${@:1:$#-1}"; }
+pair "4K random read QD1, qemu-img bench (IOPS)" bench_at 1 "$N1" -s 4k -S $STEP
+pair "4K random read QD16, qemu-img bench (IOPS)" bench_at 16 "$N16" -s 4k -S $STEP
 stop_all
 
-# Allocating writes: each server gets its own empty VHD; 256 KiB writes over the whole disk.
-"$DDSTOR" vhd create --size "$SIZE" "$W/e1.vhd" >/dev/null
-"$DDSTOR" vhd create --size "$SIZE" "$W/e2.vhd" >/dev/null
-serve_ddstor "$W/e1.vhd" "$W/d.sock"
-serve_qemu "$W/e2.vhd" "$W/q.sock"
+# Allocating writes: each run gives each server a new empty VHD; 256 KiB writes over the
+# whole disk.
 NW=$((BYTES / (256 << 10)))
-wmib() { awk -v i="$1" 'BEGIN { printf "%.0f", i * 256 / 1024 }'; }
-row "allocating 256K writes QD16 (MiB/s)" \
-  "$(wmib "$(bench_iops "$(uri "$W/d.sock")" 16 "$NW" -w -s 256k)")" \
-  "$(wmib "$(bench_iops "$(uri "$W/q.sock")" 16 "$NW" -w -s 256k)")"
-stop_all
+alloc_write() { # which(d|q): MiB/s
+  rm -f "$W/e.vhd"
+  "$DDSTOR" vhd create --size "$SIZE" "$W/e.vhd" >/dev/null
+  if [ "$1" = d ]; then serve_ddstor "$W/e.vhd" "$W/w.sock"; else serve_qemu "$W/e.vhd" "$W/w.sock"; fi
+  awk -v i="$(bench_iops "$(uri "$W/w.sock")" 16 "$NW" -w -s 256k)" 'BEGIN { printf "%.0f", i * 256 / 1024 }'
+  stop_all
+}
+A=d B=q
+pair "allocating 256K writes QD16 (MiB/s)" alloc_write
 
 # Chain depth: the filled disk under 99 empty differencing layers, versus the disk alone.
 leaf="$W/full.vhd"
@@ -103,9 +118,9 @@ done
 serve_ddstor "$leaf" "$W/d.sock" --read-only
 serve_ddstor "$W/full.vhd" "$W/q.sock" --read-only
 printf '\n%-44s %14s %14s %9s\n' "ddstor chain depth" "depth 100" "depth 1" ratio
-row "4K random read QD16 (IOPS)" \
-  "$(bench_iops "$(uri "$W/d.sock")" 16 "$N16" -s 4k -S $STEP)" \
-  "$(bench_iops "$(uri "$W/q.sock")" 16 "$N16" -s 4k -S $STEP)"
+A=$W/d.sock B=$W/q.sock
+pair "4K random read QD16 (IOPS)" bench_at 16 "$N16" -s 4k -S $STEP
+pair "sequential read, nbdcopy (MiB/s)" seq_read
 stop_all
 echo
 echo "goals: ratio >= 1.2x on reads, >= 2x on allocating writes; depth 100 close to depth 1"
