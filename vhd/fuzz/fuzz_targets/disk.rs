@@ -1,5 +1,6 @@
 //! Whole files (footer, header, BAT, batmap, bitmaps): opening never panics; a file that opens
-//! can be read, mapped and checked; writing into it keeps it openable and its data readable.
+//! can be read, mapped and checked; its read plan names exactly the bytes a read returns;
+//! writing into it keeps it openable and its data readable.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use std::sync::Arc;
@@ -41,6 +42,20 @@ fuzz_target!(|data: &[u8]| {
     chain.read_at(&mut buf, 0).expect("read of an opened disk");
     chain.read_at(&mut buf, size - span).expect("read of an opened disk");
     chain.block_status(0, span).expect("block status");
+    // The read plan (what zero-copy replies splice) names the bytes the read returned.
+    let plan = chain.read_plan(size - span, span).expect("read plan of an opened disk");
+    let mut via_plan = Vec::with_capacity(span as usize);
+    for p in plan {
+        match p.source {
+            vhd::PieceSource::Zero => via_plan.resize(via_plan.len() + p.len as usize, 0),
+            vhd::PieceSource::File { layer, file_offset } => {
+                let mut b = vec![0u8; p.len as usize];
+                chain.layers()[layer].io().read_at(&mut b, file_offset).expect("planned bytes lie in the file");
+                via_plan.extend_from_slice(&b);
+            }
+        }
+    }
+    assert!(via_plan == buf, "read plan differs from the read");
     if size >= 1024 {
         let off = (flags as u64 * 512) % (size - 512);
         chain.write_at(&[0xA5; 1000], off.min(size - 1000)).expect("write into an opened disk");
