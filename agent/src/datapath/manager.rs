@@ -1652,6 +1652,40 @@ mod tests {
     }
 
     #[test]
+    fn every_state_and_operation_has_the_automaton_outcome_and_illegal_ones_name_both_states() {
+        // xapi's Vdi_automaton, written out: Some(state) = legal, None = Illegal_transition.
+        let a = |m| Some(Attached(m));
+        let v = |m| Some(Activated(m));
+        #[rustfmt::skip]
+        let table: [(DpState, [Option<DpState>; 5]); 5] = [
+            //               Attach RO     Attach RW     Activate      Deactivate      Detach
+            (Detached,      [a(RO),        a(RW),        None,         Some(Detached), Some(Detached)]),
+            (Attached(RO),  [a(RO),        None,         v(RO),        a(RO),          Some(Detached)]),
+            (Attached(RW),  [None,         a(RW),        v(RW),        a(RW),          Some(Detached)]),
+            (Activated(RO), [v(RO),        None,         v(RO),        a(RO),          None]),
+            (Activated(RW), [None,         v(RW),        v(RW),        a(RW),          None]),
+        ];
+        let ops = [
+            Op::Attach(RO),
+            Op::Attach(RW),
+            Op::Activate,
+            Op::Deactivate,
+            Op::Detach,
+        ];
+        for (from, row) in table {
+            for (op, want) in ops.into_iter().zip(row) {
+                match (apply(from, op), want) {
+                    (Ok(got), Some(want)) => assert_eq!(got, want, "{from:?} + {op:?}"),
+                    (Err(StorageError::IllegalTransition { from: f, .. }), None) => {
+                        assert_eq!(f, from, "{from:?} + {op:?}")
+                    }
+                    (got, want) => panic!("{from:?} + {op:?}: {got:?}, want {want:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
     fn superstate_is_activated_if_any_and_rw_if_any() {
         assert_eq!(superstate(&[]), Detached);
         assert_eq!(superstate(&[Attached(RO), Detached]), Attached(RO));
