@@ -63,6 +63,13 @@ impl Setup {
         imp[1]["uri"].as_str().unwrap().to_string()
     }
 
+    /// VDI.attach3 read-write, then VDI.activate3; returns the NBD URI.
+    fn activate_rw(&self, vdi: &str, dp: &str) -> String {
+        let uri = self.attach(vdi, dp, true);
+        self.call("VDI.activate3", vdi, dp);
+        uri
+    }
+
     fn call(&self, method: &str, vdi: &str, dp: &str) -> Value {
         self.agent.ok(method, self.args(vdi, dp))
     }
@@ -257,8 +264,7 @@ fn writes_through_a_read_only_datapath_fail_with_eperm_and_reads_work() {
 fn reads_never_fail_while_an_activated_vdi_is_snapshotted_and_cloned() {
     let s = Setup::new();
     let vdi = s.vdi(8 * MIB);
-    let uri = s.attach(&vdi, "dp", true);
-    s.call("VDI.activate3", &vdi, "dp");
+    let uri = s.activate_rw(&vdi, "dp");
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.raw");
     std::fs::write(&src, random_bytes((8 * MIB) as usize)).unwrap();
@@ -318,8 +324,7 @@ fn a_killed_agent_restarted_re_exports_its_datapaths_on_sr_attach_with_data_inta
     let mut s = Setup::new();
     let vdi = s.vdi(8 * MIB);
     let ro = s.vdi(8 * MIB);
-    let uri = s.attach(&vdi, "dp", true);
-    s.call("VDI.activate3", &vdi, "dp");
+    let uri = s.activate_rw(&vdi, "dp");
     qemu_io(&uri, &["write -P 0x31 1M 1M", "flush"]);
     let ro_uri = s.attach(&ro, "dp2", false);
     s.kill_and_restart();
@@ -391,8 +396,7 @@ fn vdi_destroy_deactivates_and_detaches_every_datapath_and_deletes_the_epoch_lay
 fn sr_detach_and_dp_destroy_tear_exports_down() {
     let s = Setup::new();
     let vdi = s.vdi(8 * MIB);
-    let uri = s.attach(&vdi, "dp", true);
-    s.call("VDI.activate3", &vdi, "dp");
+    let uri = s.activate_rw(&vdi, "dp");
     qemu_io(&uri, &["write -P 0x12 0 4k"]);
     s.agent.ok("SR.detach", json!({"sr": s.sr}));
     run_fail(&mut qemu_io_cmd(&uri, &["read 0 512".to_string()]));
@@ -410,8 +414,7 @@ fn sr_detach_and_dp_destroy_tear_exports_down() {
 fn nbdinfo_map_matches_ddstor_vhd_map_and_nbdcopy_round_trips_both_ways() {
     let s = Setup::new();
     let vdi = s.vdi(16 * MIB);
-    let uri = s.attach(&vdi, "dp", true);
-    s.call("VDI.activate3", &vdi, "dp");
+    let uri = s.activate_rw(&vdi, "dp");
     // Two layers: the first writes end up in the hidden base of a snapshot, the last in the
     // VDI's new leaf; both maps show the chain's merged allocation.
     write_then_snapshot(&s, &uri, &vdi, &["write -P 1 0 64k", "write -P 2 5M 4k"]);
@@ -466,8 +469,7 @@ fn nbdinfo_map_matches_ddstor_vhd_map_and_nbdcopy_round_trips_both_ways() {
 fn several_clients_at_once_each_see_their_writes_and_everyone_elses() {
     let s = Setup::new();
     let vdi = s.vdi(8 * MIB);
-    let uri = s.attach(&vdi, "dp", true);
-    s.call("VDI.activate3", &vdi, "dp");
+    let uri = s.activate_rw(&vdi, "dp");
     let clients: Vec<_> = (0..4u64)
         .map(|i| {
             let uri = uri.clone();
@@ -498,8 +500,7 @@ fn several_clients_at_once_each_see_their_writes_and_everyone_elses() {
 fn nothing_written_in_a_non_persistent_epoch_survives_its_end() {
     let s = Setup::new();
     let vdi = s.vdi(8 * MIB);
-    let uri = s.attach(&vdi, "dp", true);
-    s.call("VDI.activate3", &vdi, "dp");
+    let uri = s.activate_rw(&vdi, "dp");
     qemu_io(&uri, &["write -P 0x61 0 128k", "flush"]);
     s.call("VDI.deactivate", &vdi, "dp");
     s.call("VDI.detach", &vdi, "dp");
@@ -512,8 +513,7 @@ fn nothing_written_in_a_non_persistent_epoch_survives_its_end() {
             "VDI.epoch_begin",
             json!({"sr": s.sr, "vdi": vdi, "vm": "vm1", "persistent": false}),
         );
-        let uri = s.attach(&vdi, "dp", true);
-        s.call("VDI.activate3", &vdi, "dp");
+        let uri = s.activate_rw(&vdi, "dp");
         // A fresh epoch sees the persistent content, never the previous epoch's writes.
         qemu_io(&uri, &["read -P 0x61 0 128k", "read -P 0 1M 64k"]);
         qemu_io(
@@ -536,8 +536,7 @@ fn nothing_written_in_a_non_persistent_epoch_survives_its_end() {
         read_with_vhdimount(&s.leaf(&vdi), 128 * 1024),
         vec![0x61; 128 * 1024]
     );
-    let uri = s.attach(&vdi, "dp", true);
-    s.call("VDI.activate3", &vdi, "dp");
+    let uri = s.activate_rw(&vdi, "dp");
     qemu_io(&uri, &["read -P 0x61 0 128k", "read -P 0 1M 64k"]);
 }
 
@@ -557,8 +556,7 @@ fn qemu_img_info_convert_and_compare_see_a_snapshotted_vdi_as_libvhdi_reads_its_
     let s = Setup::new();
     let size = 16 * MIB;
     let vdi = s.vdi(size);
-    let uri = s.attach(&vdi, "dp", true);
-    s.call("VDI.activate3", &vdi, "dp");
+    let uri = s.activate_rw(&vdi, "dp");
     write_then_snapshot(
         &s,
         &uri,
@@ -623,7 +621,11 @@ fn qemu_img_info_convert_and_compare_see_a_snapshotted_vdi_as_libvhdi_reads_its_
         .and_then(|t| t.split('!').next())
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or_else(|| panic!("qemu-img compare: {text}"));
-    assert_eq!(at, (12 << 20) + 4095 / 512 * 512, "qemu-img compare: {text}");
+    assert_eq!(
+        at,
+        (12 << 20) + 4095 / 512 * 512,
+        "qemu-img compare: {text}"
+    );
 }
 
 #[test]
@@ -631,8 +633,7 @@ fn qemu_io_aio_write_write_zeroes_and_discard_on_a_snapshotted_vdi_land_in_its_l
     let s = Setup::new();
     let size = 8 * MIB;
     let vdi = s.vdi(size);
-    let uri = s.attach(&vdi, "dp", true);
-    s.call("VDI.activate3", &vdi, "dp");
+    let uri = s.activate_rw(&vdi, "dp");
     // The parent layer (after the snapshot) holds 0x41 over the first 4 MiB.
     let snap = write_then_snapshot(&s, &uri, &vdi, &["write -P 0x41 0 4M", "flush"]);
     qemu_io(
@@ -753,8 +754,7 @@ fn hostile_clients_of_a_vdi_export_hold_up_neither_activate_snapshot_deactivate_
         read_with_vhdimount(&s.leaf(&vdi), 3 * MIB as usize)[2 * MIB as usize..][..64 << 10],
         vec![0x66; 64 << 10]
     );
-    let uri = s.attach(&vdi, "dp", true);
-    s.call("VDI.activate3", &vdi, "dp");
+    let uri = s.activate_rw(&vdi, "dp");
     qemu_io(&uri, &["read -P 0x66 2M 64k"]);
 }
 
