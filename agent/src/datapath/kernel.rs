@@ -656,7 +656,9 @@ pub(crate) mod fake {
                 g = cv.wait(g).unwrap();
             }
             drop(g);
-            own.write_all(&proto::encode_request(
+            // The server may have closed the connection already (its export was removed):
+            // like the kernel, go on to read what it sent before closing.
+            let _ = own.write_all(&proto::encode_request(
                 &proto::Request {
                     flags: 0,
                     kind: proto::CMD_DISC,
@@ -665,9 +667,15 @@ pub(crate) mod fake {
                     length: 0,
                 },
                 false,
-            ))?;
+            ));
             let mut rest = Vec::new();
-            own.read_to_end(&mut rest)?;
+            match own.read_to_end(&mut rest) {
+                // ECONNRESET: the server closed with our NBD_CMD_DISC unread; what it sent
+                // before is in `rest`.
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+                Err(e) => return Err(e),
+            }
             *self.after_disc.lock().unwrap() = Some(rest);
             *self.conn.lock().unwrap() = None;
             Ok(())
