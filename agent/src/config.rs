@@ -64,6 +64,13 @@ tcp = ""
 # xapi as a BlockDevice (for blkback) besides the NBD URI: true, false, or "auto" (where the
 # nbd module is loaded, i.e. /dev/nbd0 exists; otherwise one info line and the NBD URI only).
 kernel_devices = "auto"
+# Seconds after which the kernel times a request on such a device out (NBD_SET_TIMEOUT);
+# 0 = never. A timed-out request shuts the device's connection down for good (every later
+# request fails until the VDI is detached and attached again), and the export legitimately
+# holds requests while it is paused: from VDI.attach until VDI.activate (the kernel's partition
+# scan and udev/blkid probes of a new device wait there too), around a snapshot or clone, after
+# VDI.deactivate. Set a value only if it exceeds the longest such pause.
+kernel_timeout_secs = 0
 
 [gc]
 # Background garbage collection and coalescing of every attached SR's VHD chains (a snapshot
@@ -185,6 +192,8 @@ pub struct NbdConfig {
     pub tcp: String,
     /// Kernel nbd devices for blkback: `true`, `false` or `"auto"` (default).
     pub kernel_devices: crate::datapath::kernel::KernelDevices,
+    /// `NBD_SET_TIMEOUT` of those devices in seconds; 0 (default) = never time out.
+    pub kernel_timeout_secs: u64,
 }
 
 /// `[gc]`: the background GC (see `differencing::online`).

@@ -35,23 +35,55 @@ wait_grep() { wait_for "$1" grep -q -- "$2" "$3"; }
 field() { grep -o "\"$1\": *\"[^\"]*\"" | head -1 | sed 's/.*"\([^"]*\)"$/\1/'; }
 uuid() { cat /proc/sys/kernel/random/uuid; }
 
+# new_sr CALL NAME: SR.create + SR.attach of a new SR labelled NAME through the command CALL
+# (e.g. "ddstor call --unix $SOCK"; word-split). Sets sr.
+new_sr() {
+  local call=$1 name=$2
+  sr=$(uuid)
+  $call SR.create "{\"sr\":\"$sr\",\"name_label\":\"$name\",\"name_description\":\"\",\"device_config\":{},\"physical_size\":0}" >/dev/null \
+    || fail "$name: SR.create"
+  $call SR.attach "{\"sr\":\"$sr\",\"device_config\":{}}" >/dev/null || fail "$name: SR.attach"
+}
+
+# new_vdi CALL SIZE: VDI.create of SIZE bytes in SR $sr through CALL. Sets vdi.
+new_vdi() {
+  local call=$1 size=$2 out
+  out=$($call VDI.create "{\"sr\":\"$sr\",\"vdi_info\":{\"name_label\":\"disk\",\"virtual_size\":$size}}") \
+    || fail "VDI.create in $sr"
+  vdi=$(echo "$out" | field vdi)
+  [ -n "$vdi" ] || fail "VDI.create returned no vdi: $out"
+}
+
+# attach_dp CALL DP VM RW: VDI.attach3 of $vdi of $sr on datapath DP for VM, read-write if RW
+# is true (else read-only). Sets dp (the JSON members naming the datapath, for the other VDI.*
+# calls: "{$dp}"), out (the answer, also printed) and bdev (its BlockDevice path, or empty).
+attach_dp() {
+  local call=$1
+  dp="\"dp\":\"$2\",\"sr\":\"$sr\",\"vdi\":\"$vdi\",\"vm\":\"$3\""
+  out=$($call VDI.attach3 "{$dp,\"read_write\":$4}") || fail "VDI.attach3 of $vdi on $2"
+  echo "$out"
+  bdev=$(echo "$out" | tr -d ' \n' | grep -o '"BlockDevice",{"path":"[^"]*"' | sed 's/.*"path":"//; s/"$//')
+}
+
+# new_attached_vdi CALL NAME: a new SR and a 16 MiB VDI in it, attached read-write on datapath
+# NAME (VM vm0). Sets sr, vdi, dp, out and bdev (see attach_dp).
+new_attached_vdi() {
+  new_sr "$1" "$2"
+  new_vdi "$1" 16777216
+  attach_dp "$1" "$2" vm0 true
+}
+
 # ddstor_flow LABEL REGISTRY-DIR CONNECT-ARGS...: the core flow (Query, SR.create/attach,
 # VDI.create/snapshot/clone/destroy, scan) on a fresh SR through `ddstor call CONNECT-ARGS`;
 # the SR must then appear under REGISTRY-DIR/srs. Sets LAST_SR.
 ddstor_flow() {
   local label=$1 reg=$2; shift 2
   local sr out vdi snap clone scan
-  sr=$(uuid)
   call() { ddstor call "$@"; }
   out=$(call "$@" Query.query) || fail "$label: Query.query"
   echo "$out" | grep -q '"name"' || fail "$label: Query.query answer: $out"
-  call "$@" SR.create "{\"sr\":\"$sr\",\"name_label\":\"xen-$label\",\"name_description\":\"\",\"device_config\":{},\"physical_size\":0}" >/dev/null \
-    || fail "$label: SR.create"
-  call "$@" SR.attach "{\"sr\":\"$sr\",\"device_config\":{}}" >/dev/null || fail "$label: SR.attach"
-  out=$(call "$@" VDI.create "{\"sr\":\"$sr\",\"vdi_info\":{\"name_label\":\"disk\",\"virtual_size\":4194304}}") \
-    || fail "$label: VDI.create"
-  vdi=$(echo "$out" | field vdi)
-  [ -n "$vdi" ] || fail "$label: VDI.create returned no vdi: $out"
+  new_sr "ddstor call $*" "xen-$label"
+  new_vdi "ddstor call $*" 4194304
   snap=$(call "$@" VDI.snapshot "{\"sr\":\"$sr\",\"vdi_info\":{\"vdi\":\"$vdi\",\"name_label\":\"snap\"}}" | field vdi)
   [ -n "$snap" ] && [ "$snap" != "$vdi" ] || fail "$label: VDI.snapshot"
   clone=$(call "$@" VDI.clone "{\"sr\":\"$sr\",\"vdi_info\":{\"vdi\":\"$vdi\"}}" | field vdi)

@@ -63,6 +63,13 @@ impl Setup {
         imp[1]["uri"].as_str().unwrap().to_string()
     }
 
+    /// VDI.attach3 read-write, then VDI.activate3; returns the NBD URI.
+    fn activate_rw(&self, vdi: &str, dp: &str) -> String {
+        let uri = self.attach(vdi, dp, true);
+        self.call("VDI.activate3", vdi, dp);
+        uri
+    }
+
     fn call(&self, method: &str, vdi: &str, dp: &str) -> Value {
         self.agent.ok(method, self.args(vdi, dp))
     }
@@ -257,8 +264,7 @@ fn writes_through_a_read_only_datapath_fail_with_eperm_and_reads_work() {
 fn reads_never_fail_while_an_activated_vdi_is_snapshotted_and_cloned() {
     let s = Setup::new();
     let vdi = s.vdi(8 * MIB);
-    let uri = s.attach(&vdi, "dp", true);
-    s.call("VDI.activate3", &vdi, "dp");
+    let uri = s.activate_rw(&vdi, "dp");
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.raw");
     std::fs::write(&src, random_bytes((8 * MIB) as usize)).unwrap();
@@ -318,8 +324,7 @@ fn a_killed_agent_restarted_re_exports_its_datapaths_on_sr_attach_with_data_inta
     let mut s = Setup::new();
     let vdi = s.vdi(8 * MIB);
     let ro = s.vdi(8 * MIB);
-    let uri = s.attach(&vdi, "dp", true);
-    s.call("VDI.activate3", &vdi, "dp");
+    let uri = s.activate_rw(&vdi, "dp");
     qemu_io(&uri, &["write -P 0x31 1M 1M", "flush"]);
     let ro_uri = s.attach(&ro, "dp2", false);
     s.kill_and_restart();
@@ -391,8 +396,7 @@ fn vdi_destroy_deactivates_and_detaches_every_datapath_and_deletes_the_epoch_lay
 fn sr_detach_and_dp_destroy_tear_exports_down() {
     let s = Setup::new();
     let vdi = s.vdi(8 * MIB);
-    let uri = s.attach(&vdi, "dp", true);
-    s.call("VDI.activate3", &vdi, "dp");
+    let uri = s.activate_rw(&vdi, "dp");
     qemu_io(&uri, &["write -P 0x12 0 4k"]);
     s.agent.ok("SR.detach", json!({"sr": s.sr}));
     run_fail(&mut qemu_io_cmd(&uri, &["read 0 512".to_string()]));
@@ -410,17 +414,11 @@ fn sr_detach_and_dp_destroy_tear_exports_down() {
 fn nbdinfo_map_matches_ddstor_vhd_map_and_nbdcopy_round_trips_both_ways() {
     let s = Setup::new();
     let vdi = s.vdi(16 * MIB);
-    let uri = s.attach(&vdi, "dp", true);
-    s.call("VDI.activate3", &vdi, "dp");
-    qemu_io(
-        &uri,
-        &[
-            "write -P 1 0 64k",
-            "write -P 2 5M 4k",
-            "write -P 3 11M 1M",
-            "flush",
-        ],
-    );
+    let uri = s.activate_rw(&vdi, "dp");
+    // Two layers: the first writes end up in the hidden base of a snapshot, the last in the
+    // VDI's new leaf; both maps show the chain's merged allocation.
+    write_then_snapshot(&s, &uri, &vdi, &["write -P 1 0 64k", "write -P 2 5M 4k"]);
+    qemu_io(&uri, &["write -P 3 11M 1M", "write -P 4 5M 4k", "flush"]);
     s.call("VDI.deactivate", &vdi, "dp");
     let vhd_map: Value = serde_json::from_str(&run_ok(
         Command::new(ddstor_e2e::bin("ddstor"))
@@ -471,8 +469,7 @@ fn nbdinfo_map_matches_ddstor_vhd_map_and_nbdcopy_round_trips_both_ways() {
 fn several_clients_at_once_each_see_their_writes_and_everyone_elses() {
     let s = Setup::new();
     let vdi = s.vdi(8 * MIB);
-    let uri = s.attach(&vdi, "dp", true);
-    s.call("VDI.activate3", &vdi, "dp");
+    let uri = s.activate_rw(&vdi, "dp");
     let clients: Vec<_> = (0..4u64)
         .map(|i| {
             let uri = uri.clone();
@@ -503,8 +500,7 @@ fn several_clients_at_once_each_see_their_writes_and_everyone_elses() {
 fn nothing_written_in_a_non_persistent_epoch_survives_its_end() {
     let s = Setup::new();
     let vdi = s.vdi(8 * MIB);
-    let uri = s.attach(&vdi, "dp", true);
-    s.call("VDI.activate3", &vdi, "dp");
+    let uri = s.activate_rw(&vdi, "dp");
     qemu_io(&uri, &["write -P 0x61 0 128k", "flush"]);
     s.call("VDI.deactivate", &vdi, "dp");
     s.call("VDI.detach", &vdi, "dp");
@@ -517,8 +513,7 @@ fn nothing_written_in_a_non_persistent_epoch_survives_its_end() {
             "VDI.epoch_begin",
             json!({"sr": s.sr, "vdi": vdi, "vm": "vm1", "persistent": false}),
         );
-        let uri = s.attach(&vdi, "dp", true);
-        s.call("VDI.activate3", &vdi, "dp");
+        let uri = s.activate_rw(&vdi, "dp");
         // A fresh epoch sees the persistent content, never the previous epoch's writes.
         qemu_io(&uri, &["read -P 0x61 0 128k", "read -P 0 1M 64k"]);
         qemu_io(
@@ -541,7 +536,246 @@ fn nothing_written_in_a_non_persistent_epoch_survives_its_end() {
         read_with_vhdimount(&s.leaf(&vdi), 128 * 1024),
         vec![0x61; 128 * 1024]
     );
-    let uri = s.attach(&vdi, "dp", true);
-    s.call("VDI.activate3", &vdi, "dp");
+    let uri = s.activate_rw(&vdi, "dp");
     qemu_io(&uri, &["read -P 0x61 0 128k", "read -P 0 1M 64k"]);
+}
+
+/// Writes `cmds` through qemu-io, snapshots the VDI (its chain grows a layer under the export),
+/// and returns the snapshot's uuid.
+fn write_then_snapshot(s: &Setup, uri: &str, vdi: &str, cmds: &[&str]) -> String {
+    qemu_io(uri, cmds);
+    let v = s.agent.ok(
+        "VDI.snapshot",
+        json!({"sr": s.sr, "vdi_info": {"vdi": vdi}}),
+    );
+    v["vdi"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn qemu_img_info_convert_and_compare_see_a_snapshotted_vdi_as_libvhdi_reads_its_chain() {
+    let s = Setup::new();
+    let size = 16 * MIB;
+    let vdi = s.vdi(size);
+    let uri = s.activate_rw(&vdi, "dp");
+    write_then_snapshot(
+        &s,
+        &uri,
+        &vdi,
+        &["write -P 0x21 0 2M", "write -P 0x22 6M 64k"],
+    );
+    qemu_io(
+        &uri,
+        &["write -P 0x23 1M 64k", "write -P 0x24 12M 1M", "flush"],
+    );
+    let qimg = require_tool("qemu-img", "qemu-utils");
+    let info: Value = serde_json::from_str(&run_ok(
+        Command::new(&qimg)
+            .args(["info", "--output=json", "-f", "raw"])
+            .arg(&uri),
+    ))
+    .unwrap();
+    assert_eq!(info["virtual-size"].as_u64(), Some(size), "{info}");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.raw");
+    run_ok(
+        Command::new(&qimg)
+            .args(["convert", "-f", "raw", "-O", "raw"])
+            .arg(&uri)
+            .arg(&out),
+    );
+    // What qemu copied out of the export is what libvhdi reads from the chain's files.
+    s.call("VDI.deactivate", &vdi, "dp");
+    let flat = read_with_vhdimount(&s.leaf(&vdi), size as usize);
+    assert!(
+        std::fs::read(&out).unwrap() == flat,
+        "qemu-img convert of the export differs from libvhdi's reading of the chain"
+    );
+    let mut want = vec![0u8; size as usize];
+    want[..2 << 20].fill(0x21);
+    want[1 << 20..(1 << 20) + (64 << 10)].fill(0x23);
+    want[6 << 20..(6 << 20) + (64 << 10)].fill(0x22);
+    want[12 << 20..13 << 20].fill(0x24);
+    assert!(flat == want, "the chain does not hold what was written");
+    s.call("VDI.activate3", &vdi, "dp");
+    run_ok(
+        Command::new(&qimg)
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&uri)
+            .arg(&out),
+    );
+    // compare really compares: one changed byte is found.
+    let mut bad = want;
+    bad[(12 << 20) + 4095] ^= 0xff;
+    let bad_file = dir.path().join("bad.raw");
+    std::fs::write(&bad_file, bad).unwrap();
+    let text = run_fail(
+        Command::new(&qimg)
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&uri)
+            .arg(&bad_file),
+    );
+    // qemu names the first differing 512-byte sector.
+    let at: u64 = text
+        .split("mismatch at offset ")
+        .nth(1)
+        .and_then(|t| t.split('!').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("qemu-img compare: {text}"));
+    assert_eq!(
+        at,
+        (12 << 20) + 4095 / 512 * 512,
+        "qemu-img compare: {text}"
+    );
+}
+
+#[test]
+fn qemu_io_aio_write_write_zeroes_and_discard_on_a_snapshotted_vdi_land_in_its_leaf() {
+    let s = Setup::new();
+    let size = 8 * MIB;
+    let vdi = s.vdi(size);
+    let uri = s.activate_rw(&vdi, "dp");
+    // The parent layer (after the snapshot) holds 0x41 over the first 4 MiB.
+    let snap = write_then_snapshot(&s, &uri, &vdi, &["write -P 0x41 0 4M", "flush"]);
+    qemu_io(
+        &uri,
+        &[
+            "aio_write -P 0x51 64k 64k",
+            "aio_write -P 0x52 1M 128k",
+            "aio_write -P 0x53 5M 64k",
+            "aio_flush",
+            // Zeroes over the parent's data must read as zeroes (the leaf masks the parent)…
+            "write -z 2M 256k",
+            // …and over a hole they stay zeroes.
+            "write -z 6M 64k",
+            // Discard is advisory: the export accepts it; VHD keeps the bytes.
+            "discard 3M 64k",
+            "read -P 0 2M 256k",
+            "read -P 0x52 1M 128k",
+            "read -P 0x41 0 64k",
+            "flush",
+        ],
+    );
+    s.call("VDI.deactivate", &vdi, "dp");
+    let mut want = vec![0u8; size as usize];
+    want[..4 << 20].fill(0x41);
+    want[64 << 10..128 << 10].fill(0x51);
+    want[1 << 20..(1 << 20) + (128 << 10)].fill(0x52);
+    want[5 << 20..(5 << 20) + (64 << 10)].fill(0x53);
+    want[2 << 20..(2 << 20) + (256 << 10)].fill(0);
+    let flat = read_with_vhdimount(&s.leaf(&vdi), size as usize);
+    // The discarded range reads as either its old bytes or zeroes (NBD leaves it unspecified).
+    let d = (3 << 20)..(3 << 20) + (64 << 10);
+    assert!(
+        flat[d.clone()].iter().all(|&b| b == 0x41) || flat[d.clone()].iter().all(|&b| b == 0),
+        "the discarded range holds other bytes"
+    );
+    want[d.clone()].copy_from_slice(&flat[d]);
+    assert!(flat == want, "libvhdi reads other bytes from the chain");
+    // The snapshot kept the parent's content only.
+    assert_eq!(
+        read_with_vhdimount(&s.leaf(&snap), 4 << 20),
+        vec![0x41; 4 << 20]
+    );
+    let check = run_ok(
+        Command::new(ddstor_e2e::bin("ddstor"))
+            .args(["vhd", "check"])
+            .arg(s.leaf(&vdi)),
+    );
+    assert!(!check.to_lowercase().contains("error"), "{check}");
+}
+
+#[test]
+fn hostile_clients_of_a_vdi_export_hold_up_neither_activate_snapshot_deactivate_nor_detach() {
+    let s = Setup::new();
+    let vdi = s.vdi(8 * MIB);
+    let uri = s.attach(&vdi, "dp", true);
+    let name = export_name(&uri);
+    // While paused: one client leaves in the middle of a write's payload, another leaves
+    // with a whole write waiting at the gate.
+    let mut mid = RawClient::connect(&s.socket());
+    mid.go(&name);
+    mid.request(0, 1, 1, 0, 64 << 10, &[0xee; 100]);
+    drop(mid);
+    let mut gone = RawClient::connect(&s.socket());
+    gone.go(&name);
+    gone.request(0, 1, 2, MIB, 4096, &[0xdd; 4096]);
+    drop(gone);
+    call_within(
+        &s,
+        Duration::from_secs(30),
+        "VDI.activate3",
+        s.args(&vdi, "dp"),
+    );
+    // One that floods reads and never reads a reply, and one with a bad request magic.
+    let mut flood = RawClient::connect(&s.socket());
+    flood.go(&name);
+    flood.s.set_nonblocking(true).unwrap();
+    let mut sent = 0;
+    for i in 0..4096u64 {
+        let mut m = 0x2560_9513u32.to_be_bytes().to_vec();
+        m.extend_from_slice(&[0, 0, 0, 0]);
+        m.extend_from_slice(&i.to_be_bytes());
+        m.extend_from_slice(&0u64.to_be_bytes());
+        m.extend_from_slice(&(1u32 << 20).to_be_bytes());
+        match std::io::Write::write(&mut flood.s, &m) {
+            Ok(n) if n == m.len() => sent += 1,
+            _ => break,
+        }
+    }
+    assert!(sent > 100, "only {sent} requests went out");
+    let mut bad = RawClient::connect(&s.socket());
+    bad.go(&name);
+    std::io::Write::write_all(&mut bad.s, &[0xffu8; 28]).unwrap();
+    assert!(
+        bad.is_closed(),
+        "a bad request magic left the connection open"
+    );
+    // A well-behaved client works meanwhile, across a snapshot (pause, switch, resume).
+    qemu_io(&uri, &["write -P 0x66 2M 64k", "read -P 0x66 2M 64k"]);
+    let snap = json!({"sr": s.sr, "vdi_info": {"vdi": vdi}});
+    call_within(&s, Duration::from_secs(60), "VDI.snapshot", snap);
+    qemu_io(&uri, &["read -P 0x66 2M 64k", "read -P 0 4M 64k"]);
+    call_within(
+        &s,
+        Duration::from_secs(60),
+        "VDI.deactivate",
+        s.args(&vdi, "dp"),
+    );
+    call_within(
+        &s,
+        Duration::from_secs(60),
+        "VDI.detach",
+        s.args(&vdi, "dp"),
+    );
+    assert_eq!(s.superstate(&vdi), json!("Detached"));
+    drop(flood);
+    // The agent serves on; what the good client wrote is in the VHD.
+    assert_eq!(
+        read_with_vhdimount(&s.leaf(&vdi), 3 * MIB as usize)[2 * MIB as usize..][..64 << 10],
+        vec![0x66; 64 << 10]
+    );
+    let uri = s.activate_rw(&vdi, "dp");
+    qemu_io(&uri, &["read -P 0x66 2M 64k"]);
+}
+
+/// `method` on the agent through `ddstor call`, which must succeed within `limit` (the call is
+/// killed and the test fails otherwise, instead of hanging).
+fn call_within(s: &Setup, limit: Duration, method: &str, args: Value) {
+    let mut c = Command::new(ddstor_e2e::bin("ddstor"))
+        .arg("call")
+        .arg("--unix")
+        .arg(&s.agent.socket)
+        .arg(method)
+        .arg(args.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let st = wait_child(&mut c, limit);
+    let out = c.wait_with_output().unwrap();
+    assert!(
+        st.success(),
+        "{method} {args}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -206,7 +206,8 @@ async fn restore_datapaths(storage: &Storage, dps: &Datapaths, sr: &str) {
 /// Creates the datapath layer and starts its NBD listeners (unix socket, optional TCP).
 async fn start_datapaths(cfg: &AgentConfig) -> anyhow::Result<Arc<Datapaths>> {
     let sock = cfg.nbd_socket();
-    let kernel = crate::datapath::kernel::KernelNbd::new(cfg.nbd.kernel_devices);
+    let kernel = crate::datapath::kernel::KernelNbd::new(cfg.nbd.kernel_devices)
+        .with_timeout(cfg.nbd.kernel_timeout_secs);
     let dps = Datapaths::with_kernel(&sock, kernel);
     dps.listen()
         .with_context(|| format!("serving NBD on unix socket {}", sock.display()))?;

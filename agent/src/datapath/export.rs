@@ -9,6 +9,7 @@
 use super::backend::BlockBackend;
 use super::Error;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::{watch, OwnedRwLockReadGuard, OwnedRwLockWriteGuard};
 
@@ -27,7 +28,11 @@ pub struct ExportOptions {
 pub struct Export {
     name: String,
     backend: RwLock<Arc<dyn BlockBackend>>,
-    read_only: bool,
+    /// Read-only whatever the backend ([`ExportOptions::read_only`]).
+    forced_read_only: bool,
+    /// Writes are refused: forced, or the current backend is read-only (follows
+    /// [`Export::replace_backend`], so an RO -> RW switch of the VDI makes it writable).
+    read_only: AtomicBool,
     description: Option<String>,
     gate: Arc<tokio::sync::RwLock<()>>,
     paused: Mutex<Option<OwnedRwLockWriteGuard<()>>>,
@@ -59,7 +64,8 @@ impl Export {
         Arc::new(Export {
             name: name.to_string(),
             backend: RwLock::new(backend),
-            read_only,
+            forced_read_only: opts.read_only,
+            read_only: AtomicBool::new(read_only),
             description: opts.description,
             gate,
             paused: Mutex::new(paused),
@@ -78,9 +84,11 @@ impl Export {
         self.description.as_deref()
     }
 
-    /// True when writes are refused (EPERM).
+    /// True when writes are refused (EPERM): the export was created read-only, or its
+    /// current backend is. Connections negotiated earlier keep the transmission flags they
+    /// were given; this is checked on every write.
     pub fn read_only(&self) -> bool {
-        self.read_only
+        self.read_only.load(Ordering::SeqCst)
     }
 
     /// Virtual size of the current backend.
@@ -157,11 +165,14 @@ impl Export {
 
     /// Replaces the backend (e.g. after a snapshot switched the leaf). Only allowed while
     /// paused, so no request sees a half-switched disk; the new backend must have the same size.
+    /// The export becomes read-only or writable with it (unless created read-only).
     pub fn replace_backend(&self, new: Arc<dyn BlockBackend>) -> Result<(), Error> {
         if !self.is_paused() {
             return Err(Error::NotPaused(self.name.clone()));
         }
+        let read_only = self.forced_read_only || new.read_only();
         *self.backend.write().expect("poisoned") = new;
+        self.read_only.store(read_only, Ordering::SeqCst);
         Ok(())
     }
 
@@ -318,6 +329,42 @@ mod tests {
         let mut buf = [0u8; 3];
         pass.backend.read_at(&mut buf, 0).unwrap();
         assert_eq!(&buf, b"new");
+    }
+
+    #[tokio::test]
+    async fn a_read_only_export_becomes_writable_with_a_writable_backend_unless_forced() {
+        let e = Export::new(
+            "a",
+            Arc::new(MemBackend::new(4096, true)),
+            ExportOptions::default(),
+        );
+        assert!(e.read_only());
+        e.pause().await.unwrap();
+        e.replace_backend(mem(4096)).unwrap();
+        assert!(
+            !e.read_only(),
+            "a writable backend left the export read-only"
+        );
+        e.replace_backend(Arc::new(MemBackend::new(4096, true)))
+            .unwrap();
+        assert!(
+            e.read_only(),
+            "a read-only backend left the export writable"
+        );
+        let forced = Export::new(
+            "b",
+            mem(4096),
+            ExportOptions {
+                read_only: true,
+                paused: true,
+                ..Default::default()
+            },
+        );
+        forced.replace_backend(mem(4096)).unwrap();
+        assert!(
+            forced.read_only(),
+            "a forced read-only export became writable"
+        );
     }
 
     #[tokio::test]

@@ -224,7 +224,20 @@ impl Datapaths {
                  VDI.attach returns the NBD URI only, no block device for blkback"
             ),
             KernelDevices::Off => tracing::debug!("kernel nbd devices disabled"),
-            _ => tracing::info!("VDI.attach connects a kernel nbd device for blkback"),
+            _ => {
+                tracing::info!(
+                    timeout_secs = kernel.timeout_secs(),
+                    "VDI.attach connects a kernel nbd device for blkback"
+                );
+                if kernel.timeout_secs() > 0 {
+                    tracing::warn!(
+                        timeout_secs = kernel.timeout_secs(),
+                        "kernel nbd devices time requests out: a request held longer by a \
+                         paused export (attach before activate, snapshot, deactivate) shuts \
+                         its device down until the VDI is re-attached"
+                    );
+                }
+            }
         }
         Arc::new(Datapaths {
             socket: socket.into(),
@@ -389,11 +402,22 @@ impl Datapaths {
             Some(e) => {
                 if rw_of(from) != rw_of(to) {
                     // RO <-> RW: re-open the chain in the new mode behind the paused gate.
+                    // The kernel device stays connected (a blkback may hold it open) and
+                    // follows the mode: writable before the chain is, read-only after.
+                    if rw {
+                        self.kernel_mode(sr, vdi, g, false)?;
+                    }
                     e.pause().await.map_err(|x| dp_error("pausing I/O", x))?;
                     let (backend, overlay) = self.open_chain(st, sr, vdi, rw).await?;
                     g.overlay = overlay;
                     e.replace_backend(backend)
                         .map_err(|x| dp_error("switching the chain", x))?;
+                    if !rw {
+                        if let Err(x) = self.kernel_mode(sr, vdi, g, true) {
+                            // The export refuses writes anyway (EPERM).
+                            tracing::warn!(sr, vdi, error = %x, "kernel nbd device left writable");
+                        }
+                    }
                 }
                 e
             }
@@ -437,6 +461,23 @@ impl Datapaths {
         }
         if let Some(d) = dev {
             self.kernel.release(d).await;
+        }
+    }
+
+    /// Makes the VDI's kernel nbd device (if any) read-only or writable.
+    fn kernel_mode(&self, sr: &str, vdi: &str, g: &VdiDps, read_only: bool) -> Result<()> {
+        match &g.kernel {
+            None => Ok(()),
+            Some(d) => d.set_read_only(read_only).map_err(|x| {
+                backend(
+                    interface::codes::IO_ERROR,
+                    format!(
+                        "making the kernel nbd device {} of VDI {vdi} of SR {sr} {}: {x}",
+                        d.path().display(),
+                        if read_only { "read-only" } else { "writable" }
+                    ),
+                )
+            }),
         }
     }
 
@@ -894,7 +935,10 @@ mod tests {
     use RoRw::*;
 
     use crate::core::{StorageConfig, VdiCreate, VdiDerive};
+    use crate::datapath::kernel::fake::{Call as Ioctl, FakeKernel};
     use crate::datapath::proto;
+    use crate::datapath::BlockBackend;
+    use std::sync::atomic::{AtomicU64, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::UnixStream;
 
@@ -974,8 +1018,21 @@ mod tests {
             }
         }
         async fn start(&self) -> (Arc<Storage>, Arc<Datapaths>) {
+            self.start_with(Datapaths::new(&self.sock)).await
+        }
+
+        /// Starts with kernel nbd devices played by a [`FakeKernel`] (one device, `nbd0`).
+        async fn start_with_fake_kernel(&self) -> (Arc<Storage>, Arc<Datapaths>, Arc<FakeKernel>) {
+            let (dev, sys) = (self._dir.path().join("dev"), self._dir.path().join("sys"));
+            FakeKernel::lay_out(&dev, &sys);
+            let fake = Arc::new(FakeKernel::default());
+            let k = KernelNbd::with(KernelDevices::On, dev, sys, fake.clone());
+            let (st, dps) = self.start_with(Datapaths::with_kernel(&self.sock, k)).await;
+            (st, dps, fake)
+        }
+
+        async fn start_with(&self, dps: Arc<Datapaths>) -> (Arc<Storage>, Arc<Datapaths>) {
             let mut st = Storage::new(StorageConfig::new(&self.data));
-            let dps = Datapaths::new(&self.sock);
             dps.listen().unwrap();
             st.set_datapath_hooks(dps.clone());
             let st = Arc::new(st);
@@ -1073,6 +1130,212 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(r.await.unwrap(), (0, vec![0xab; 16]));
+    }
+
+    /// The `BlockDevice` among a `VDI.attach*` answer.
+    fn block_device(b: &BackendInfo) -> Option<String> {
+        b.implementations.iter().find_map(|i| match i {
+            Implementation::BlockDevice { path } => Some(path.clone()),
+            _ => None,
+        })
+    }
+
+    /// `fake.io(...)` off the async runtime (it blocks on the socket).
+    async fn kio(fake: &Arc<FakeKernel>, kind: u16, offset: u64, data: &[u8]) -> (u32, Vec<u8>) {
+        let (f, d) = (fake.clone(), data.to_vec());
+        let len = if kind == proto::CMD_READ {
+            4096
+        } else {
+            d.len() as u32
+        };
+        tokio::task::spawn_blocking(move || f.io(kind, offset, &d, len))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rw_attach_beside_a_ro_one_makes_the_same_kernel_device_writable_and_back() {
+        let env = Env::new();
+        let (st, dps, fake) = env.start_with_fake_kernel().await;
+        let vdi = new_vdi(&st).await;
+        let ro = dps.attach(&st, SR, &vdi, "ro", false).await.unwrap();
+        let dev = block_device(&ro).expect("no BlockDevice");
+        dps.transition(&st, SR, &vdi, "ro", Op::Activate)
+            .await
+            .unwrap();
+        assert_eq!(fake.read_only(), Some(true));
+        assert_eq!(
+            kio(&fake, proto::CMD_WRITE, 0, &[1; 4096]).await.0,
+            proto::errno::EPERM
+        );
+        // A second dp attaches RW: the same device, still connected, now takes writes.
+        let rw = dps.attach(&st, SR, &vdi, "rw", true).await.unwrap();
+        assert_eq!(block_device(&rw).as_ref(), Some(&dev));
+        assert_eq!(fake.count(&Ioctl::DoIt), 1, "the device was reconnected");
+        assert_eq!(fake.read_only(), Some(false));
+        assert_eq!(kio(&fake, proto::CMD_WRITE, 0, &[0x5a; 4096]).await.0, 0);
+        assert_eq!(kio(&fake, proto::CMD_FLUSH, 0, &[]).await.0, 0);
+        assert_eq!(
+            kio(&fake, proto::CMD_READ, 0, &[]).await,
+            (0, vec![0x5a; 4096])
+        );
+        // The RW dp goes: read-only again, on the same connection.
+        deactivate_and_detach(&st, &dps, &vdi, "rw").await;
+        assert_eq!(fake.read_only(), Some(true));
+        assert_eq!(
+            kio(&fake, proto::CMD_WRITE, 0, &[2; 4096]).await.0,
+            proto::errno::EPERM
+        );
+        assert_eq!(
+            kio(&fake, proto::CMD_READ, 0, &[]).await,
+            (0, vec![0x5a; 4096])
+        );
+        deactivate_and_detach(&st, &dps, &vdi, "ro").await;
+        assert_eq!(fake.count(&Ioctl::DoIt), 1);
+        assert_eq!(fake.count(&Ioctl::Disconnect), 1);
+        assert_eq!(
+            fake.read_only(),
+            Some(false),
+            "the device was left read-only"
+        );
+        // What the kernel wrote is in the VHD.
+        let (leaf, _) = st.vdi_chain(SR, &vdi).await.unwrap();
+        let ch = vhd::Chain::open(&leaf, &vhd::ChainOptions::new(leaf.parent().unwrap())).unwrap();
+        let mut buf = vec![0u8; 4096];
+        ch.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, vec![0x5a; 4096]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn detach_of_a_never_activated_vdi_fails_a_waiting_probe_of_its_device_and_returns() {
+        let env = Env::new();
+        let (st, dps, fake) = env.start_with_fake_kernel().await;
+        let vdi = new_vdi(&st).await;
+        let b = dps.attach(&st, SR, &vdi, "dp", true).await.unwrap();
+        assert!(block_device(&b).is_some());
+        // udev's blkid (or the kernel's partition scan) reads the first sector: it waits.
+        let f = fake.clone();
+        let cookie = tokio::task::spawn_blocking(move || f.send(proto::CMD_READ, 0, &[], 512))
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(!fake.reply_pending(), "a read passed the paused gate");
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            dps.transition(&st, SR, &vdi, "dp", Op::Detach),
+        )
+        .await
+        .expect("VDI.detach hung on a probe waiting at the paused export")
+        .unwrap();
+        let rest = fake
+            .after_disconnect()
+            .expect("the connection was not closed");
+        assert!(rest.len() >= 16, "no reply to the probe: {rest:?}");
+        assert_eq!(proto::be32(&rest[..4]), proto::SIMPLE_REPLY_MAGIC);
+        assert_eq!(proto::be32(&rest[4..8]), proto::errno::ESHUTDOWN);
+        assert_eq!(u64::from_be_bytes(rest[8..16].try_into().unwrap()), cookie);
+        assert!(dps.exports().names().is_empty());
+    }
+
+    /// Wraps an export's backend: counts flushes, and records how many writes had completed
+    /// and whether the export was already closed when the last flush ran.
+    struct FlushWitness {
+        inner: Arc<dyn BlockBackend>,
+        closed: tokio::sync::watch::Receiver<bool>,
+        writes: AtomicU64,
+        flushes: AtomicU64,
+        writes_at_flush: AtomicU64,
+        closed_at_flush: std::sync::atomic::AtomicBool,
+    }
+
+    impl BlockBackend for FlushWitness {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_only(&self) -> bool {
+            self.inner.read_only()
+        }
+        fn read_at(
+            &self,
+            buf: &mut [u8],
+            offset: u64,
+        ) -> std::result::Result<(), super::super::Error> {
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(
+            &self,
+            buf: &[u8],
+            offset: u64,
+        ) -> std::result::Result<(), super::super::Error> {
+            self.inner.write_at(buf, offset)?;
+            self.writes.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn flush(&self) -> std::result::Result<(), super::super::Error> {
+            self.inner.flush()?;
+            self.writes_at_flush
+                .store(self.writes.load(Ordering::SeqCst), Ordering::SeqCst);
+            self.closed_at_flush
+                .store(*self.closed.borrow(), Ordering::SeqCst);
+            self.flushes.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn trim(&self, offset: u64, len: u64) -> std::result::Result<(), super::super::Error> {
+            self.inner.trim(offset, len)
+        }
+        fn write_zeroes(
+            &self,
+            offset: u64,
+            len: u64,
+        ) -> std::result::Result<(), super::super::Error> {
+            self.inner.write_zeroes(offset, len)
+        }
+        fn block_status(
+            &self,
+            offset: u64,
+            len: u64,
+        ) -> std::result::Result<Vec<super::super::Extent>, super::super::Error> {
+            self.inner.block_status(offset, len)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn vdi_destroy_flushes_an_activated_export_after_its_writes_and_before_removing_it() {
+        let env = Env::new();
+        let (st, dps) = env.start().await;
+        let vdi = new_vdi(&st).await;
+        let mut c = activate_and_connect(&env, &st, &dps, &vdi, "dp").await;
+        let e = dps.exports().get(&export_name(SR, &vdi)).unwrap();
+        e.pause().await.unwrap();
+        let w = Arc::new(FlushWitness {
+            inner: e.backend(),
+            closed: e.closed_signal(),
+            writes: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+            writes_at_flush: AtomicU64::new(0),
+            closed_at_flush: Default::default(),
+        });
+        e.replace_backend(w.clone()).unwrap();
+        e.resume().await;
+        write_ok(&mut c, 0, &[8; 4096]).await;
+        write_ok(&mut c, 1 << 20, &[9; 4096]).await;
+        assert_eq!(
+            w.flushes.load(Ordering::SeqCst),
+            0,
+            "flushed before the test asked"
+        );
+        st.vdi_destroy(SR, &vdi).await.unwrap();
+        assert!(e.is_closed(), "the export survived VDI.destroy");
+        assert_eq!(
+            w.flushes.load(Ordering::SeqCst),
+            1,
+            "VDI.destroy's teardown did not flush the export"
+        );
+        assert_eq!(w.writes_at_flush.load(Ordering::SeqCst), 2);
+        assert!(
+            !w.closed_at_flush.load(Ordering::SeqCst),
+            "the flush came after the export was closed"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1386,6 +1649,40 @@ mod tests {
         );
         assert_eq!(apply(Attached(RW), Op::Detach), Ok(Detached));
         assert_eq!(apply(Detached, Op::Detach), Ok(Detached));
+    }
+
+    #[test]
+    fn every_state_and_operation_has_the_automaton_outcome_and_illegal_ones_name_both_states() {
+        // xapi's Vdi_automaton, written out: Some(state) = legal, None = Illegal_transition.
+        let a = |m| Some(Attached(m));
+        let v = |m| Some(Activated(m));
+        #[rustfmt::skip]
+        let table: [(DpState, [Option<DpState>; 5]); 5] = [
+            //               Attach RO     Attach RW     Activate      Deactivate      Detach
+            (Detached,      [a(RO),        a(RW),        None,         Some(Detached), Some(Detached)]),
+            (Attached(RO),  [a(RO),        None,         v(RO),        a(RO),          Some(Detached)]),
+            (Attached(RW),  [None,         a(RW),        v(RW),        a(RW),          Some(Detached)]),
+            (Activated(RO), [v(RO),        None,         v(RO),        a(RO),          None]),
+            (Activated(RW), [None,         v(RW),        v(RW),        a(RW),          None]),
+        ];
+        let ops = [
+            Op::Attach(RO),
+            Op::Attach(RW),
+            Op::Activate,
+            Op::Deactivate,
+            Op::Detach,
+        ];
+        for (from, row) in table {
+            for (op, want) in ops.into_iter().zip(row) {
+                match (apply(from, op), want) {
+                    (Ok(got), Some(want)) => assert_eq!(got, want, "{from:?} + {op:?}"),
+                    (Err(StorageError::IllegalTransition { from: f, .. }), None) => {
+                        assert_eq!(f, from, "{from:?} + {op:?}")
+                    }
+                    (got, want) => panic!("{from:?} + {op:?}: {got:?}, want {want:?}"),
+                }
+            }
+        }
     }
 
     #[test]

@@ -71,19 +71,11 @@ REG=/local/domain/$dom/data/ddstor
 ready() { [ "$(xenstore-read $REG/state 2>/dev/null)" = ready ]; }
 wait_for 180 ready || fail "the agent in domain $dom did not register"
 C="ddstor call --connect-timeout 60 --vchan $dom:ddstor"
-sr=$(uuid)
-$C SR.create "{\"sr\":\"$sr\",\"name_label\":\"blk\",\"name_description\":\"\",\"device_config\":{},\"physical_size\":0}" >/dev/null || fail "SR.create"
-$C SR.attach "{\"sr\":\"$sr\",\"device_config\":{}}" >/dev/null || fail "SR.attach"
-vdi=$($C VDI.create "{\"sr\":\"$sr\",\"vdi_info\":{\"name_label\":\"disk\",\"virtual_size\":16777216}}" | field vdi)
-[ -n "$vdi" ] || fail "VDI.create"
-dp="\"dp\":\"blk\",\"sr\":\"$sr\",\"vdi\":\"$vdi\",\"vm\":\"vm0\""
-out=$($C VDI.attach3 "{$dp,\"read_write\":true}") || fail "VDI.attach3"
-echo "$out"
+new_attached_vdi "$C" blk
 uri=$(echo "$out" | grep -o 'nbd:unix:[^"]*' | head -1)
 [ -n "$uri" ] || fail "VDI.attach3 returned no nbd:unix: URI"
 sock=${uri#nbd:unix:}; sock=${sock%%:exportname=*}; export=${uri##*:exportname=}
 $C VDI.activate3 "{$dp}" >/dev/null || fail "VDI.activate3"
-bdev=$(echo "$out" | tr -d ' \n' | grep -o '"BlockDevice",{"path":"[^"]*"' | sed 's/.*"path":"//; s/"$//')
 if [ -n "$bdev" ]; then
   via="the agent's own kernel device $bdev"
   guest_exec $dom "cat /sys/class/block/$(basename $bdev)/size" | grep -qv '^0$' || fail "$bdev is not connected"
