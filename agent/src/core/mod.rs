@@ -126,6 +126,8 @@ pub struct Storage {
     format: Arc<dyn Format>,
     hooks: Arc<dyn DatapathHooks>,
     srs: Mutex<HashMap<String, SrSlot>>,
+    /// Per SR: serialises SR.attach, SR.detach and SR.destroy (see [`Storage::sr_detach`]).
+    admin: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 const FEATURES: &[&str] = &[
@@ -156,6 +158,7 @@ impl Storage {
             format,
             hooks: Arc::new(NoDatapaths),
             srs: Mutex::new(HashMap::new()),
+            admin: Mutex::new(HashMap::new()),
         }
     }
 
@@ -181,6 +184,16 @@ impl Storage {
 
     fn slot(&self, sr: &str) -> SrSlot {
         self.srs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(sr.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// The admin lock of `sr`: held for the whole of SR.attach, SR.detach and SR.destroy.
+    fn admin(&self, sr: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.admin
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(sr.to_string())
@@ -311,6 +324,7 @@ impl Storage {
     ) -> Result<AttachReport> {
         let sr = validate::uuid("SR", sr)?;
         let path = self.resolve_path(&sr, device_config)?;
+        let _admin = self.admin(&sr).lock_owned().await;
         let slot = self.slot(&sr);
         let mut guard = slot.write().await;
         if let Some(s) = guard.as_ref() {
@@ -334,22 +348,34 @@ impl Storage {
 
     /// `SR.detach`: tears down datapaths (hooks), releases the lock. Detaching a detached SR is a
     /// no-op.
+    ///
+    /// The SR leaves its slot first (the slot's write lock is held only for that), then its
+    /// datapaths are torn down, then the SR's lock is released. Tearing down under the write
+    /// lock would deadlock with a datapath call in progress: it holds its VDI's datapath entry
+    /// while it calls the engine, which waits for the slot behind this writer. Now such a call
+    /// gets `Sr_not_attached` and lets go. SR.attach/detach/destroy of one SR are serialised by
+    /// the SR's admin lock, so a new attach cannot start before the teardown is over.
     pub async fn sr_detach(&self, sr: &str) -> Result<()> {
         let sr = validate::uuid("SR", sr)?;
+        let _admin = self.admin(&sr).lock_owned().await;
         let slot = self.slot(&sr);
-        let mut guard = slot.write().await;
-        if guard.is_none() {
+        let Some(attached) = slot.write().await.take() else {
             return Ok(());
+        };
+        let res = self.hooks.before_sr_detach(&sr).await;
+        // The SR (its lock file and open files) goes once no datapath serves it any more.
+        drop(attached);
+        if let Err(e) = &res {
+            tracing::warn!(sr, error = %e, "tearing down the SR's datapaths failed");
         }
-        self.hooks.before_sr_detach(&sr).await?;
-        *guard = None;
         tracing::info!(sr, "SR detached");
-        Ok(())
+        res
     }
 
     /// `SR.destroy`: erases an SR that holds no VDIs (hidden bases only). Works attached or not.
     pub async fn sr_destroy(&self, sr: &str) -> Result<()> {
         let sr = validate::uuid("SR", sr)?;
+        let _admin = self.admin(&sr).lock_owned().await;
         let slot = self.slot(&sr);
         let mut guard = slot.write().await;
         let attached = guard.clone();
@@ -425,6 +451,18 @@ impl Storage {
     }
 
     // ---------------------------------------------------------------------------------- VDI --
+
+    /// Takes `vdi`'s lock for the datapath layer: while the returned guard lives, no snapshot,
+    /// clone, destroy, record update or GC relink touches the VDI's chain, so its chain can be
+    /// opened (and an export switched to it) without seeing a half-made change.
+    pub async fn lock_vdi(&self, sr: &str, vdi: &str) -> Result<VdiLock> {
+        let (_g, s, v, guard) = self.locked_vdi(sr, vdi).await?;
+        Ok(VdiLock {
+            sr: s,
+            vdi: v,
+            _guard: guard,
+        })
+    }
 
     /// Finds a VDI and takes its lock (re-checking it was not destroyed meanwhile).
     async fn locked_vdi(
@@ -756,6 +794,22 @@ impl Storage {
         out.push_str(&crate::differencing::gc::diagnostics());
         out.push_str(&crate::differencing::online::diagnostics());
         out
+    }
+}
+
+/// A VDI's lock, held ([`Storage::lock_vdi`]).
+pub struct VdiLock {
+    sr: Arc<Sr>,
+    vdi: Arc<Vdi>,
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl VdiLock {
+    /// Updates the VDI's record (the lock is held already; the engine's own setters would wait
+    /// for it).
+    pub async fn update(&self, f: impl FnOnce(&mut VdiRecord) + Send + 'static) -> Result<()> {
+        let (s, v) = (self.sr.clone(), self.vdi.clone());
+        blocking(move || s.update_vdi(&v, f).map(|_| ())).await
     }
 }
 

@@ -375,6 +375,10 @@ impl Datapaths {
             self.drop_export(&key, g).await;
             return Ok(());
         }
+        // The VDI's lock, until the export is registered as live: no snapshot, clone or GC
+        // relink changes the chain while it is opened, and a snapshot that follows finds the
+        // export to pause and switch.
+        let vdi_lock = st.lock_vdi(sr, vdi).await?;
         let rw = rw_of(to) == Some(RoRw::RW);
         let export = match g.export.clone() {
             None => {
@@ -426,7 +430,7 @@ impl Datapaths {
             DpState::Activated(m) => {
                 if !matches!(from, DpState::Activated(RoRw::RW)) && m == RoRw::RW {
                     // xapi clears content_id when a VDI is activated read-write.
-                    st.vdi_set_content_id(sr, vdi, "").await?;
+                    vdi_lock.update(|r| r.content_id.clear()).await?;
                 }
                 export.resume().await;
             }
@@ -443,6 +447,7 @@ impl Datapaths {
                 overlay: g.overlay,
             },
         );
+        drop(vdi_lock);
         Ok(())
     }
 
@@ -538,6 +543,8 @@ impl Datapaths {
     pub async fn sync_epoch(&self, st: &Storage, sr: &str, vdi: &str) -> Result<()> {
         let entry = self.entry(sr, vdi);
         let mut g = entry.lock().await;
+        // The layer is made on, and the export switched to, a leaf no snapshot moves meanwhile.
+        let _vdi_lock = st.lock_vdi(sr, vdi).await?;
         let (leaf, _) = st.vdi_chain(sr, vdi).await?;
         let rec = st.vdi_stat(sr, vdi).await?.record;
         let fresh = rec.epoch.as_ref().is_some_and(|e| !e.persistent);
@@ -939,6 +946,7 @@ mod tests {
     use crate::datapath::proto;
     use crate::datapath::BlockBackend;
     use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::UnixStream;
 
@@ -1085,6 +1093,57 @@ mod tests {
         for op in [Op::Deactivate, Op::Detach] {
             dps.transition(st, SR, vdi, dp, op).await.unwrap();
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sr_detach_during_a_datapath_call_that_calls_the_engine_again_completes_both() {
+        let env = Env::new();
+        let (st, dps) = env.start().await;
+        let vdi = new_vdi(&st).await;
+        dps.attach(&st, SR, &vdi, "dp1", true).await.unwrap();
+        // A datapath call in progress holds its VDI's entry between two engine calls.
+        let entry = dps.entry(SR, &vdi);
+        let held = entry.lock().await;
+        let st2 = st.clone();
+        let detach = tokio::spawn(async move { st2.sr_detach(SR).await });
+        // SR.detach is under way: it wants that entry to tear the datapath down.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let next = tokio::time::timeout(Duration::from_secs(10), st.vdi_chain(SR, &vdi))
+            .await
+            .expect("the datapath call's next engine call hangs behind SR.detach (deadlock)");
+        assert!(
+            matches!(next, Err(StorageError::SrNotAttached(_))),
+            "{next:?}"
+        );
+        drop(held);
+        tokio::time::timeout(Duration::from_secs(10), detach)
+            .await
+            .expect("SR.detach hangs")
+            .unwrap()
+            .unwrap();
+        assert!(!dps.is_attached(SR, &vdi), "the export outlived SR.detach");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn attach_opens_the_chain_only_under_the_vdi_lock() {
+        let env = Env::new();
+        let (st, dps) = env.start().await;
+        let vdi = new_vdi(&st).await;
+        // A snapshot, clone or GC relink of the VDI's chain holds the VDI's lock meanwhile.
+        let lock = st.lock_vdi(SR, &vdi).await.unwrap();
+        let (st2, dps2, v2) = (st.clone(), dps.clone(), vdi.clone());
+        let attach =
+            tokio::spawn(async move { dps2.attach(&st2, SR, &v2, "dp1", true).await.map(|_| ()) });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!attach.is_finished(), "attach did not wait for the VDI's lock");
+        assert!(!dps.is_attached(SR, &vdi), "an export appeared under a held VDI lock");
+        drop(lock);
+        tokio::time::timeout(Duration::from_secs(10), attach)
+            .await
+            .expect("attach hangs after the lock is released")
+            .unwrap()
+            .unwrap();
+        assert!(dps.is_attached(SR, &vdi));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
