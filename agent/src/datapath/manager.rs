@@ -1135,8 +1135,14 @@ mod tests {
         let attach =
             tokio::spawn(async move { dps2.attach(&st2, SR, &v2, "dp1", true).await.map(|_| ()) });
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(!attach.is_finished(), "attach did not wait for the VDI's lock");
-        assert!(!dps.is_attached(SR, &vdi), "an export appeared under a held VDI lock");
+        assert!(
+            !attach.is_finished(),
+            "attach did not wait for the VDI's lock"
+        );
+        assert!(
+            !dps.is_attached(SR, &vdi),
+            "an export appeared under a held VDI lock"
+        );
         drop(lock);
         tokio::time::timeout(Duration::from_secs(10), attach)
             .await
