@@ -52,6 +52,16 @@ pub enum ClientError {
         /// The agent's domain.
         domid: u16,
     },
+    /// A vchan connection was asked of a domain that does not exist.
+    #[error(
+        "domain {domid} does not exist (no /local/domain/{domid}/domid in xenstore), so no agent \
+         can answer there: check the domain id (`xl list`), or find the SR's agent with \
+         `ddstor xs lookup SR`"
+    )]
+    NoSuchDomain {
+        /// The domain asked for.
+        domid: u16,
+    },
 }
 
 /// Result of client calls.
@@ -234,7 +244,9 @@ impl AgentClient {
     /// When the agent runs in another domain than dom0 or this one, the client watches that
     /// domain through `xs` (`@releaseDomain`, see [`crate::peer_domain`]): once it is
     /// destroyed, calls in flight and later ones fail at once with
-    /// [`ClientError::PeerDomainGone`].
+    /// [`ClientError::PeerDomainGone`]. Connecting to such a domain that does not exist (its
+    /// `/local/domain/<id>/domid` is missing when an attempt fails) fails at once with
+    /// [`ClientError::NoSuchDomain`] instead of retrying until `timeout`.
     pub async fn connect_vchan(
         xs: &xs_registry::client::Xs,
         backend: &dyn transport::vchan::Backend,
@@ -299,6 +311,16 @@ impl AgentClient {
                     return Ok(c);
                 }
                 Err(e) if tokio::time::Instant::now() + pause < deadline => {
+                    // No point waiting for a ring from a domain that does not exist (never
+                    // created, or destroyed): say so now rather than at the timeout.
+                    if server != own && server != 0 {
+                        let key = format!("/local/domain/{server}/domid");
+                        if let Ok(None) = xs.read_opt(&key).await {
+                            tracing::debug!(domid = server, key, error = %e,
+                                "vchan connect failed and the agent's domain does not exist");
+                            return Err(ClientError::NoSuchDomain { domid: server });
+                        }
+                    }
                     tracing::debug!(error = %e, "vchan connect failed; retrying");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(std::time::Duration::from_millis(100));

@@ -317,6 +317,38 @@ async fn vchan_calls_fail_at_once_when_the_agents_domain_is_destroyed() {
 }
 
 #[tokio::test]
+async fn connecting_over_vchan_to_a_domain_that_does_not_exist_fails_at_once() {
+    let (_dir, _xsd, xs) = xenstored(&[3]).await;
+    let xen: Arc<dyn transport::vchan::Backend> = Arc::new(transport::vchan::mem::MemXen::new());
+    let t0 = std::time::Instant::now();
+    let err = AgentClient::connect_vchan(&xs, &*xen, 0, 9, "ddstor", Duration::from_secs(30), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ClientError::NoSuchDomain { domid: 9 }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("domain 9 does not exist"), "{err}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t0.elapsed()
+    );
+    // A domain that exists but serves nothing (yet) is waited for, up to the timeout.
+    let t0 = std::time::Instant::now();
+    let err =
+        AgentClient::connect_vchan(&xs, &*xen, 0, 3, "ddstor", Duration::from_millis(500), None)
+            .await
+            .unwrap_err();
+    assert!(matches!(err, ClientError::Transport(_)), "{err}");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(400),
+        "gave up early: {:?}",
+        t0.elapsed()
+    );
+}
+
+#[tokio::test]
 async fn the_vchan_listener_drops_a_destroyed_client_domain_and_listens_again() {
     let (_dir, _xsd, xs) = xenstored(&[5]).await;
     let xen: Arc<dyn transport::vchan::Backend> = Arc::new(transport::vchan::mem::MemXen::new());
