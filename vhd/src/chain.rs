@@ -377,10 +377,46 @@ impl Chain {
     /// server send file data without copying it (splice/sendfile from the layer's file). Reads
     /// sector bitmaps that are not cached yet, so it may block.
     pub fn read_plan(&self, offset: u64, len: u64) -> Result<Vec<ReadPiece>> {
+        let mut out: Vec<ReadPiece> = Vec::new();
+        self.for_each_run(offset, len, |b, a, z, src| {
+            let source = match src {
+                Some(layer) => PieceSource::File {
+                    layer,
+                    file_offset: self.layers[layer].data_offset(b)? + a % self.block_size,
+                },
+                None => PieceSource::Zero,
+            };
+            match (out.last_mut(), source) {
+                (Some(l), PieceSource::Zero) if l.source == PieceSource::Zero => l.len += z - a,
+                (
+                    Some(ReadPiece {
+                        len: ll,
+                        source:
+                            PieceSource::File {
+                                layer: la,
+                                file_offset: fa,
+                            },
+                    }),
+                    PieceSource::File { layer, file_offset },
+                ) if *la == layer && *fa + *ll == file_offset => *ll += z - a,
+                _ => out.push(ReadPiece { len: z - a, source }),
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `f(block, start, end, source)` for each run of bytes `[start, end)` of
+    /// `[offset, offset+len)` that one source holds (`Some(layer)`, or `None`: zeros), in order.
+    fn for_each_run(
+        &self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(u64, u64, u64, Option<usize>) -> Result<()>,
+    ) -> Result<()> {
         self.check_range(offset, len)?;
         let bs = self.block_size;
         let end = offset + len;
-        let mut out: Vec<ReadPiece> = Vec::new();
         let mut pos = offset;
         while pos < end {
             let b = pos / bs;
@@ -391,41 +427,11 @@ impl Chain {
             for (rs, re, src) in self.resolve(b, s0, s1)? {
                 let a = (b * bs + rs as u64 * SECTOR).max(pos);
                 let z = (b * bs + re as u64 * SECTOR).min(bend);
-                let source = match src {
-                    Some(layer) => PieceSource::File {
-                        layer,
-                        file_offset: self.layers[layer].data_offset(b)? + (a - b * bs),
-                    },
-                    None => PieceSource::Zero,
-                };
-                let merged = match (out.last_mut(), source) {
-                    (Some(l), PieceSource::Zero) if l.source == PieceSource::Zero => {
-                        l.len += z - a;
-                        true
-                    }
-                    (
-                        Some(ReadPiece {
-                            len: ll,
-                            source:
-                                PieceSource::File {
-                                    layer: la,
-                                    file_offset: fa,
-                                },
-                        }),
-                        PieceSource::File { layer, file_offset },
-                    ) if *la == layer && *fa + *ll == file_offset => {
-                        *ll += z - a;
-                        true
-                    }
-                    _ => false,
-                };
-                if !merged {
-                    out.push(ReadPiece { len: z - a, source });
-                }
+                f(b, a, z, src)?;
             }
             pos = bend;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Writes `buf` at `offset` into the leaf, allocating blocks as needed. Unaligned edges
@@ -489,35 +495,22 @@ impl Chain {
     /// Allocation map of `len` bytes at `offset`: runs of data (with the layer that holds
     /// them) and of zeros (allocated nowhere). Adjacent runs with one state are merged.
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        self.check_range(offset, len)?;
-        let bs = self.block_size;
-        let end = offset + len;
         let mut out: Vec<Extent> = Vec::new();
-        let mut pos = offset;
-        while pos < end {
-            let b = pos / bs;
-            let in_block = pos % bs;
-            let bend = (b * bs + bs).min(end);
-            let s0 = (in_block / SECTOR) as u32;
-            let s1 = (bend - b * bs).div_ceil(SECTOR) as u32;
-            for (rs, re, src) in self.resolve(b, s0, s1)? {
-                let a = (b * bs + rs as u64 * SECTOR).max(pos);
-                let z = (b * bs + re as u64 * SECTOR).min(bend);
-                let state = match src {
-                    Some(layer) => ExtentState::Data { layer },
-                    None => ExtentState::Zero,
-                };
-                match out.last_mut() {
-                    Some(l) if l.state == state && l.offset + l.length == a => l.length += z - a,
-                    _ => out.push(Extent {
-                        offset: a,
-                        length: z - a,
-                        state,
-                    }),
-                }
+        self.for_each_run(offset, len, |_, a, z, src| {
+            let state = match src {
+                Some(layer) => ExtentState::Data { layer },
+                None => ExtentState::Zero,
+            };
+            match out.last_mut() {
+                Some(l) if l.state == state && l.offset + l.length == a => l.length += z - a,
+                _ => out.push(Extent {
+                    offset: a,
+                    length: z - a,
+                    state,
+                }),
             }
-            pos = bend;
-        }
+            Ok(())
+        })?;
         Ok(out)
     }
 

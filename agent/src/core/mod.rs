@@ -183,22 +183,12 @@ impl Storage {
     }
 
     fn slot(&self, sr: &str) -> SrSlot {
-        self.srs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(sr.to_string())
-            .or_default()
-            .clone()
+        per_sr(&self.srs, sr)
     }
 
     /// The admin lock of `sr`: held for the whole of SR.attach, SR.detach and SR.destroy.
     fn admin(&self, sr: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.admin
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(sr.to_string())
-            .or_default()
-            .clone()
+        per_sr(&self.admin, sr)
     }
 
     pub(crate) async fn attached(
@@ -795,6 +785,15 @@ impl Storage {
         out.push_str(&crate::differencing::online::diagnostics());
         out
     }
+}
+
+/// The entry of `sr` in a per-SR map, made on first use.
+fn per_sr<T: Default + Clone>(map: &Mutex<HashMap<String, T>>, sr: &str) -> T {
+    map.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(sr.to_string())
+        .or_default()
+        .clone()
 }
 
 /// A VDI's lock, held ([`Storage::lock_vdi`]).
