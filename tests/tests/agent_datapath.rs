@@ -779,3 +779,72 @@ fn call_within(s: &Setup, limit: Duration, method: &str, args: Value) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `ddstor vdi … ARGS` against the setup's agent and SR.
+fn vdi_cli(s: &Setup, args: &[&str]) -> Command {
+    let mut c = Command::new(ddstor_e2e::bin("ddstor"));
+    c.arg("vdi")
+        .arg("--unix")
+        .arg(&s.agent.socket)
+        .arg("--sr")
+        .arg(&s.sr)
+        .args(args);
+    c
+}
+
+#[test]
+fn the_vdi_cli_drives_a_datapath_through_attach_activate_deactivate_and_detach() {
+    let s = Setup::new();
+    let vdi = s.vdi(4 * MIB);
+    let out = run_ok(&mut vdi_cli(&s, &["attach", &vdi, "--dp", "cli"]));
+    let uri = out
+        .lines()
+        .next()
+        .expect("attach prints the NBD URI")
+        .to_string();
+    assert!(
+        uri.starts_with("nbd:unix:") && uri.ends_with(&format!(":exportname={}/{vdi}", s.sr)),
+        "{out}"
+    );
+    let table = run_ok(&mut vdi_cli(&s, &["datapaths", &vdi]));
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("cli ") && l.ends_with("attached-rw")),
+        "{table}"
+    );
+    run_ok(&mut vdi_cli(&s, &["activate", &vdi, "--dp", "cli"]));
+    qemu_io(&uri, &["write -P 0x3c 1M 64k", "read -P 0x3c 1M 64k"]);
+    // The automaton's refusals reach the operator as xapi errors (exit status 1).
+    let err = run_fail(&mut vdi_cli(&s, &["detach", &vdi, "--dp", "cli"]));
+    assert!(err.contains("Illegal_transition"), "{err}");
+    // A second, read-only datapath beside it.
+    run_ok(&mut vdi_cli(
+        &s,
+        &["attach", &vdi, "--dp", "ro", "--read-only"],
+    ));
+    let table = run_ok(&mut vdi_cli(&s, &["datapaths", &vdi]));
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("ro ") && l.ends_with("attached-ro")),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("(overall)") && l.ends_with("activated-rw")),
+        "{table}"
+    );
+    run_ok(&mut vdi_cli(&s, &["deactivate", &vdi, "--dp", "cli"]));
+    run_ok(&mut vdi_cli(&s, &["detach", &vdi, "--dp", "cli"]));
+    run_ok(&mut vdi_cli(&s, &["dp-destroy", "ro"]));
+    let json: Value =
+        serde_json::from_str(&run_ok(&mut vdi_cli(&s, &["datapaths", &vdi, "--json"]))).unwrap();
+    assert_eq!(json["dps"], json!({}), "{json}");
+    // What was written reached the VDI's leaf.
+    let data = read_with_vhdimount(&s.leaf(&vdi), (2 * MIB) as usize);
+    assert!(data[MIB as usize..(MIB + 65536) as usize]
+        .iter()
+        .all(|&b| b == 0x3c));
+}

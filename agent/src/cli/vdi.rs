@@ -1,10 +1,12 @@
-//! `ddstor vdi create|snapshot|clone|stat|list|destroy|set-…`: friendly verbs over the VDI calls.
+//! `ddstor vdi create|snapshot|clone|stat|list|destroy|set-…`: friendly verbs over the VDI calls,
+//! and `attach|activate|deactivate|detach|datapaths|dp-destroy` over the datapath calls.
 
 use super::call::{exit_client_error, print_response, runtime, ConnectArgs};
 use super::sr::print_vdi_table;
 use crate::client::ClientError;
+use crate::datapath::manager::state_to_string;
 use clap::{Args, Subcommand};
-use interface::{Call, Dbg, Response, SrId, VdiId, VdiInfo};
+use interface::{Call, Dbg, DpId, DpStat, Implementation, Response, SrId, VdiId, VdiInfo, VmId};
 
 /// Arguments of `ddstor vdi`.
 #[derive(Debug, Args)]
@@ -116,6 +118,95 @@ enum VdiCommand {
         /// The VDI.
         vdi: String,
     },
+    /// Attach a VDI on a datapath, I/O paused (VDI.attach3); prints how to reach it, one per
+    /// line: the NBD URI (`nbd:unix:SOCKET:exportname=SR/VDI`), then the kernel nbd block
+    /// device where the agent connected one.
+    Attach {
+        /// The VDI.
+        vdi: String,
+        /// The datapath (any name; every call on one datapath is idempotent).
+        #[arg(long)]
+        dp: String,
+        /// Attach read-only (writes fail with EPERM).
+        #[arg(long)]
+        read_only: bool,
+        /// The VM the datapath is for (informational).
+        #[arg(long, default_value = "")]
+        vm: String,
+        /// Print xapi's backend JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let I/O flow on an attached datapath (VDI.activate3, or VDI.activate_readonly).
+    Activate {
+        /// The VDI.
+        vdi: String,
+        /// The datapath.
+        #[arg(long)]
+        dp: String,
+        /// Activate read-only (VDI.activate_readonly).
+        #[arg(long)]
+        read_only: bool,
+        /// The VM the datapath is for (informational).
+        #[arg(long, default_value = "")]
+        vm: String,
+    },
+    /// Complete and flush in-flight I/O, then pause it (VDI.deactivate).
+    Deactivate {
+        /// The VDI.
+        vdi: String,
+        /// The datapath.
+        #[arg(long)]
+        dp: String,
+    },
+    /// Remove the datapath's access to the VDI (VDI.detach; the export goes with the last one).
+    Detach {
+        /// The VDI.
+        vdi: String,
+        /// The datapath.
+        #[arg(long)]
+        dp: String,
+    },
+    /// Every datapath's state of a VDI and its overall state (DP.stat_vdi), as a table (or
+    /// JSON with --json).
+    Datapaths {
+        /// The VDI.
+        vdi: String,
+        /// Print xapi's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deactivate and detach whatever a datapath holds, on every VDI (DP.destroy).
+    DpDestroy {
+        /// The datapath.
+        dp: String,
+        /// Report success even if something could not be released.
+        #[arg(long)]
+        allow_leak: bool,
+    },
+}
+
+/// The lines `ddstor vdi datapaths` prints for `st`.
+fn datapath_table(st: &DpStat) -> Vec<String> {
+    let mut out = vec![format!("{:<36} {}", "DATAPATH", "STATE")];
+    for (dp, s) in &st.dps {
+        out.push(format!("{dp:<36} {}", state_to_string(*s)));
+    }
+    out.push(format!(
+        "{:<36} {}",
+        "(overall)",
+        state_to_string(st.superstate)
+    ));
+    out
+}
+
+/// How to reach an attached VDI, one line each.
+fn implementation_line(i: &Implementation) -> String {
+    match i {
+        Implementation::Nbd { uri } => uri.clone(),
+        Implementation::BlockDevice { path } | Implementation::File { path } => path.clone(),
+        Implementation::XenDisk { params, .. } => params.clone(),
+    }
 }
 
 /// Parses a size: plain bytes or a number with a K/M/G/T suffix (binary units; `KiB`, `GB`…
@@ -261,6 +352,107 @@ pub fn run(mut a: VdiArgs) -> anyhow::Result<()> {
                     .await?;
                 let _ = print_response(&r);
             }
+            VdiCommand::Attach {
+                vdi,
+                dp,
+                read_only,
+                vm,
+                json,
+            } => {
+                let r = c
+                    .call(Call::VdiAttach3 {
+                        dbg: d(),
+                        dp: DpId::new(dp),
+                        sr: sr.clone(),
+                        vdi: vdi.into(),
+                        vm: VmId::new(vm),
+                        read_write: !read_only,
+                    })
+                    .await?;
+                match (&r, json) {
+                    (Response::Backend(b), false) => {
+                        for i in &b.implementations {
+                            println!("{}", implementation_line(i));
+                        }
+                    }
+                    _ => {
+                        let _ = print_response(&r);
+                    }
+                }
+            }
+            VdiCommand::Activate {
+                vdi,
+                dp,
+                read_only,
+                vm,
+            } => {
+                let (dp, vdi, vm) = (DpId::new(dp), VdiId::new(vdi), VmId::new(vm));
+                let call = if read_only {
+                    Call::VdiActivateReadonly {
+                        dbg: d(),
+                        dp,
+                        sr: sr.clone(),
+                        vdi,
+                        vm,
+                    }
+                } else {
+                    Call::VdiActivate3 {
+                        dbg: d(),
+                        dp,
+                        sr: sr.clone(),
+                        vdi,
+                        vm,
+                    }
+                };
+                c.call(call).await?;
+            }
+            VdiCommand::Deactivate { vdi, dp } => {
+                c.call(Call::VdiDeactivate {
+                    dbg: d(),
+                    dp: DpId::new(dp),
+                    sr: sr.clone(),
+                    vdi: vdi.into(),
+                    vm: VmId::default(),
+                })
+                .await?;
+            }
+            VdiCommand::Detach { vdi, dp } => {
+                c.call(Call::VdiDetach {
+                    dbg: d(),
+                    dp: DpId::new(dp),
+                    sr: sr.clone(),
+                    vdi: vdi.into(),
+                    vm: VmId::default(),
+                })
+                .await?;
+            }
+            VdiCommand::Datapaths { vdi, json } => {
+                let r = c
+                    .call(Call::DpStatVdi {
+                        dbg: d(),
+                        sr: sr.clone(),
+                        vdi: vdi.into(),
+                    })
+                    .await?;
+                match (&r, json) {
+                    (Response::DpStat(st), false) => {
+                        for l in datapath_table(st) {
+                            println!("{l}");
+                        }
+                    }
+                    _ => {
+                        let _ = print_response(&r);
+                    }
+                }
+            }
+            VdiCommand::DpDestroy { dp, allow_leak } => {
+                c.call(Call::DpDestroy {
+                    dbg: d(),
+                    dp: DpId::new(dp),
+                    allow_leak,
+                })
+                .await?;
+            }
         }
         Ok(())
     });
@@ -275,7 +467,26 @@ pub fn run(mut a: VdiArgs) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::*;
+    use interface::{DpState, RoRw};
+
+    #[test]
+    fn the_datapath_table_lists_each_dp_and_the_overall_state() {
+        let st = DpStat {
+            superstate: DpState::Activated(RoRw::RW),
+            dps: [
+                ("vbd/1/xvda".to_string(), DpState::Activated(RoRw::RW)),
+                ("backup".to_string(), DpState::Attached(RoRw::RO)),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let t = datapath_table(&st);
+        assert_eq!(t.len(), 4);
+        assert!(t[1].starts_with("backup") && t[1].ends_with("attached-ro"));
+        assert!(t[2].starts_with("vbd/1/xvda") && t[2].ends_with("activated-rw"));
+        assert!(t[3].starts_with("(overall)") && t[3].ends_with("activated-rw"));
+    }
 
     #[test]
     fn sizes_parse_with_binary_suffixes_and_refuse_nonsense() {

@@ -90,7 +90,9 @@ pub fn superstate<'a>(states: impl IntoIterator<Item = &'a DpState>) -> DpState 
     }
 }
 
-fn state_to_string(s: DpState) -> &'static str {
+/// A datapath state as persisted in the VDI record and shown by `ddstor vdi datapaths`
+/// (`detached`, `attached-ro`, `attached-rw`, `activated-ro`, `activated-rw`).
+pub fn state_to_string(s: DpState) -> &'static str {
     match s {
         DpState::Detached => "detached",
         DpState::Attached(RoRw::RO) => "attached-ro",
