@@ -35,6 +35,15 @@ enum Command {
     Vdi(cli::vdi::VdiArgs),
 }
 
+/// Whether log lines get ANSI colours: only on a terminal, and never when `NO_COLOR` is set
+/// to anything non-empty (no-color.org) or `TERM` is `dumb` (a Xen console is a terminal too,
+/// but its log often ends up in a file).
+fn colour_logs() -> bool {
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    let dumb = std::env::var_os("TERM").is_some_and(|t| t == "dumb");
+    std::io::IsTerminal::is_terminal(&std::io::stderr()) && !no_color && !dumb
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| cli.log.clone());
@@ -42,7 +51,7 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
         // Colour only on a terminal: redirected logs stay plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(colour_logs())
         .init();
     let result = match cli.command {
         Command::Vhd(a) => cli::vhd::run(a),
@@ -57,8 +66,40 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ddstor: {e:#}");
+            eprintln!("ddstor: {}", error_chain(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `error: cause: cause…`, leaving out a cause whose text the message already holds (many
+/// errors, VHD and I/O ones among them, print their source as part of their own text).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_error_chain_names_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let e = anyhow::Error::new(io)
+            .context("/x: I/O error while opening: No such file")
+            .context("reading /x");
+        assert_eq!(
+            super::error_chain(&e),
+            "reading /x: /x: I/O error while opening: No such file"
+        );
     }
 }
