@@ -73,12 +73,15 @@ kernel_devices = "auto"
 kernel_timeout_secs = 0
 
 [gc]
-# Background garbage collection and coalescing of every attached SR's VHD chains (a snapshot
-# or clone of a VDI whose chain has 16 layers or more waits for it first). `ddstor sr gc` also
-# runs a round on demand.
+# Background garbage collection and coalescing of every attached SR's VHD chains. `ddstor sr gc`
+# also runs a round on demand.
 enabled = true
 # Seconds between rounds (a round also starts after VDI.compose, and on SR.gc).
 interval_secs = 30
+# A snapshot or clone of a VDI whose chain has this many layers or more first kicks a round and
+# waits (at most 120 s) until the chain is shorter, or a round could not shorten it; chains so
+# stay short even under a stream of snapshots. 0 = never wait.
+snapshot_wait_depth = 16
 # Highest copy rate of background merges, bytes per second (0 = unlimited), so GC does not
 # starve guest I/O. The final switch of a leaf merge is never rate-limited (it runs paused).
 rate_limit = 67108864
@@ -204,6 +207,8 @@ pub struct GcConfig {
     pub enabled: bool,
     /// Seconds between rounds.
     pub interval_secs: u64,
+    /// Chain depth from which a snapshot or clone waits for a round (0 = never).
+    pub snapshot_wait_depth: usize,
     /// Bytes per second of background merges (0 = unlimited).
     pub rate_limit: u64,
     /// Merge leaves into their single-child parents online.
@@ -217,6 +222,7 @@ impl Default for GcConfig {
         GcConfig {
             enabled: true,
             interval_secs: 30,
+            snapshot_wait_depth: crate::differencing::online::DEFAULT_SNAPSHOT_WAIT_DEPTH,
             rate_limit: 64 << 20,
             leaf_merge: true,
             freeze_above: 4 << 20,

@@ -255,6 +255,7 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
             crate::differencing::online::BackgroundGc {
                 interval: Duration::from_secs(cfg.gc.interval_secs.max(1)),
                 options: storage.gc_options(),
+                snapshot_wait_depth: cfg.gc.snapshot_wait_depth,
             },
         );
     }

@@ -78,6 +78,9 @@ pub struct BackgroundGc {
     pub interval: Duration,
     /// What each round does.
     pub options: OnlineOptions,
+    /// A snapshot or clone of a VDI whose chain has this many layers or more waits for a round
+    /// first ([`wait_for_chain_room`]); 0 = never wait.
+    pub snapshot_wait_depth: usize,
 }
 
 /// What `SR.gc` (status mode) and `Query.diagnostics` show for one SR.
@@ -157,14 +160,18 @@ pub fn diagnostics() -> String {
         .collect()
 }
 
-/// A snapshot or clone of a VDI whose chain has at least this many layers first waits for the
-/// background GC to shorten it ([`wait_for_chain_room`]).
-pub const SNAPSHOT_WAIT_DEPTH: usize = 16;
+/// Default of `[gc] snapshot_wait_depth`: a snapshot or clone of a VDI whose chain has at least
+/// this many layers first waits for the background GC to shorten it ([`wait_for_chain_room`]).
+pub const DEFAULT_SNAPSHOT_WAIT_DEPTH: usize = 16;
+
+/// The running background GC's [`BackgroundGc::snapshot_wait_depth`] (0 = never wait).
+static WAIT_DEPTH: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(DEFAULT_SNAPSHOT_WAIT_DEPTH);
 
 static BACKGROUND_ON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Back-pressure that keeps chains short by construction rather than by GC winning a race:
-/// while VDI `vdi`'s chain has [`SNAPSHOT_WAIT_DEPTH`] layers or more and the background GC
+/// while VDI `vdi`'s chain has `[gc] snapshot_wait_depth` layers or more and the background GC
 /// runs, kick it and wait for a whole round that started after the kick; stop waiting as soon
 /// as the chain is short enough, or when a round did not shorten it (what is left is branch
 /// points that no merge can remove: the snapshot then proceeds), or after two minutes (a round
@@ -173,9 +180,13 @@ pub async fn wait_for_chain_room(s: &Sr, vdi: &str) {
     if !BACKGROUND_ON.load(std::sync::atomic::Ordering::SeqCst) {
         return;
     }
+    let limit = WAIT_DEPTH.load(std::sync::atomic::Ordering::SeqCst);
+    if limit == 0 {
+        return;
+    }
     let t0 = Instant::now();
     let mut depth = s.ancestry(vdi).len();
-    while depth >= SNAPSHOT_WAIT_DEPTH {
+    while depth >= limit {
         let st = status(&s.uuid);
         let target = st.rounds + if st.running { 2 } else { 1 };
         KICK.notify_one();
@@ -615,6 +626,7 @@ pub async fn gc_round(st: &Storage, sr: &str, opts: &OnlineOptions) -> Result<Gc
 /// Starts the background GC: a round on every attached SR each `interval` (or when kicked).
 pub fn spawn_background(st: Arc<Storage>, cfg: BackgroundGc) -> tokio::task::JoinHandle<()> {
     tracing::info!(interval_s = cfg.interval.as_secs_f64(), rate_limit = ?cfg.options.gc.rate_limit, "background GC started");
+    WAIT_DEPTH.store(cfg.snapshot_wait_depth, std::sync::atomic::Ordering::SeqCst);
     BACKGROUND_ON.store(true, std::sync::atomic::Ordering::SeqCst);
     tokio::spawn(async move {
         loop {
