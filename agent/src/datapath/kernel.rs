@@ -355,7 +355,7 @@ impl KernelNbd {
             .unwrap_or_else(|p| p.into_inner())
             .push(name.to_string());
         let (d2, o2, n2) = (dev.clone(), ops.clone(), name.to_string());
-        let thread = std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name(format!("ddstor-{name}"))
             .spawn(move || {
                 // The kernel holds its own reference to the socket from NBD_SET_SOCK on.
@@ -367,7 +367,21 @@ impl KernelNbd {
                 let _ = o2.clear_sock(&d2);
                 // Leave the device as it was found for its next user.
                 let _ = o2.set_read_only(&d2, false);
-            })?;
+            });
+        let thread = match spawned {
+            Ok(t) => t,
+            Err(e) => {
+                // No NBD_DO_IT: undo the set-up, stop our end, free the name.
+                serve.abort();
+                let _ = ops.clear_sock(&dev);
+                let _ = ops.set_read_only(&dev, false);
+                self.taken
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .retain(|n| n != name);
+                return Err(e);
+            }
+        };
         Ok(KernelDevice {
             path,
             name: name.to_string(),
