@@ -102,6 +102,7 @@ pub const ALL: &[&str] = &[
     "gc_leaf.copied",
     "gc_leaf.switched",
     "gc_leaf.unhidden",
+    "datapath.vdi_locked",
 ];
 
 /// Environment variable naming the failpoint that crashes the process.
@@ -237,6 +238,7 @@ mod tests {
             crate::differencing::gc::GC_MERGE,
             crate::differencing::compose::COMPOSE,
             crate::differencing::online::GC_LEAF,
+            crate::datapath::manager::DATAPATH,
         ]
         .concat();
         assert_eq!(per_op.len(), ALL.len());

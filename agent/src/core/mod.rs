@@ -177,6 +177,11 @@ impl Storage {
         &self.hooks
     }
 
+    /// The engine's failpoints (the datapath layer reports its own through them).
+    pub fn failpoints(&self) -> &Failpoints {
+        &self.cfg.failpoints
+    }
+
     /// xapi feature strings of what works (for `Query.query`).
     pub fn features(&self) -> Vec<String> {
         FEATURES.iter().map(|s| s.to_string()).collect()
@@ -444,7 +449,10 @@ impl Storage {
 
     /// Takes `vdi`'s lock for the datapath layer: while the returned guard lives, no snapshot,
     /// clone, destroy, record update or GC relink touches the VDI's chain, so its chain can be
-    /// opened (and an export switched to it) without seeing a half-made change.
+    /// opened (and an export switched to it) without seeing a half-made change. While holding
+    /// it, use the guard's accessors, not other engine calls: those take the SR's slot, and a
+    /// slot read queued behind an SR.detach that waits for a GC round that waits for this VDI's
+    /// lock would never be granted.
     pub async fn lock_vdi(&self, sr: &str, vdi: &str) -> Result<VdiLock> {
         let (_g, s, v, guard) = self.locked_vdi(sr, vdi).await?;
         Ok(VdiLock {
@@ -804,6 +812,16 @@ pub struct VdiLock {
 }
 
 impl VdiLock {
+    /// The VDI's leaf file (read without touching the SR's slot: see [`Storage::lock_vdi`]).
+    pub fn leaf_path(&self) -> PathBuf {
+        self.sr.leaf_path(&self.vdi.record().uuid)
+    }
+
+    /// The VDI's current record.
+    pub fn record(&self) -> VdiRecord {
+        self.vdi.record()
+    }
+
     /// Updates the VDI's record (the lock is held already; the engine's own setters would wait
     /// for it).
     pub async fn update(&self, f: impl FnOnce(&mut VdiRecord) + Send + 'static) -> Result<()> {

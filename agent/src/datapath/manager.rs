@@ -25,7 +25,7 @@ use super::kernel::{KernelDevice, KernelDevices, KernelNbd};
 use super::server::NbdServer;
 use crate::core::datapath::{CallFuture, DatapathHooks, HookFuture};
 use crate::core::error::{backend, Result};
-use crate::core::Storage;
+use crate::core::{Storage, VdiLock};
 use interface::{
     AttachInfo, BackendInfo, Call, DpStat, DpState, Implementation, Response, RoRw, StorageError,
 };
@@ -139,6 +139,24 @@ struct Live {
     export: Arc<Export>,
     state: DpState,
     overlay: bool,
+}
+
+/// Failpoints of the datapath layer (see [`crate::failpoint`]): reached in a transition that
+/// creates or changes an export, right after taking the VDI's lock.
+pub const DATAPATH: &[&str] = &["datapath.vdi_locked"];
+
+/// The top of the chain the export of `vdi` serves: during an epoch of a non-persistent disk
+/// its overlay (created if missing, e.g. when the agent restarted), else its leaf.
+async fn serving_leaf(vl: &VdiLock, vdi: &str) -> Result<(PathBuf, bool)> {
+    let leaf = vl.leaf_path();
+    if !vl.record().epoch.as_ref().is_some_and(|e| !e.persistent) {
+        return Ok((leaf, false));
+    }
+    let ov = overlay_path(&leaf, vdi);
+    if !ov.exists() {
+        create_overlay(leaf, ov.clone()).await?;
+    }
+    Ok((ov, true))
 }
 
 /// The file that holds a non-persistent VDI's writes during an epoch: `.<vdi>.epoch.vhd`, an
@@ -381,10 +399,11 @@ impl Datapaths {
         // relink changes the chain while it is opened, and a snapshot that follows finds the
         // export to pause and switch.
         let vdi_lock = st.lock_vdi(sr, vdi).await?;
+        st.failpoints().hit("datapath.vdi_locked");
         let rw = rw_of(to) == Some(RoRw::RW);
         let export = match g.export.clone() {
             None => {
-                let (backend, overlay) = self.open_chain(st, sr, vdi, rw).await?;
+                let (backend, overlay) = self.open_chain(&vdi_lock, vdi, rw).await?;
                 g.overlay = overlay;
                 let e = self
                     .exports
@@ -414,7 +433,7 @@ impl Datapaths {
                         self.kernel_mode(sr, vdi, g, false)?;
                     }
                     e.pause().await.map_err(|x| dp_error("pausing I/O", x))?;
-                    let (backend, overlay) = self.open_chain(st, sr, vdi, rw).await?;
+                    let (backend, overlay) = self.open_chain(&vdi_lock, vdi, rw).await?;
                     g.overlay = overlay;
                     e.replace_backend(backend)
                         .map_err(|x| dp_error("switching the chain", x))?;
@@ -513,30 +532,17 @@ impl Datapaths {
         }
     }
 
+    /// Opens the chain the export of `vdi` serves (the VDI's lock is held: no engine call from
+    /// here, which could wait behind an SR.detach that waits for a GC holding the lock order
+    /// the other way round).
     async fn open_chain(
         &self,
-        st: &Storage,
-        sr: &str,
+        vl: &VdiLock,
         vdi: &str,
         rw: bool,
     ) -> Result<(Arc<dyn super::BlockBackend>, bool)> {
-        let (leaf, overlay) = self.serving_leaf(st, sr, vdi).await?;
+        let (leaf, overlay) = serving_leaf(vl, vdi).await?;
         Ok((open_leaf(leaf, rw).await?, overlay))
-    }
-
-    /// The top of the chain the export of `vdi` serves: during an epoch of a non-persistent
-    /// disk its overlay (created if missing, e.g. when the agent restarted), else its leaf.
-    async fn serving_leaf(&self, st: &Storage, sr: &str, vdi: &str) -> Result<(PathBuf, bool)> {
-        let (leaf, _) = st.vdi_chain(sr, vdi).await?;
-        let rec = st.vdi_stat(sr, vdi).await?.record;
-        if !rec.epoch.as_ref().is_some_and(|e| !e.persistent) {
-            return Ok((leaf, false));
-        }
-        let ov = overlay_path(&leaf, vdi);
-        if !ov.exists() {
-            create_overlay(leaf, ov.clone()).await?;
-        }
-        Ok((ov, true))
     }
 
     /// After `VDI.epoch_begin`/`epoch_end`: a non-persistent disk's previous epoch layer is
@@ -546,9 +552,9 @@ impl Datapaths {
         let entry = self.entry(sr, vdi);
         let mut g = entry.lock().await;
         // The layer is made on, and the export switched to, a leaf no snapshot moves meanwhile.
-        let _vdi_lock = st.lock_vdi(sr, vdi).await?;
-        let (leaf, _) = st.vdi_chain(sr, vdi).await?;
-        let rec = st.vdi_stat(sr, vdi).await?.record;
+        let vdi_lock = st.lock_vdi(sr, vdi).await?;
+        let leaf = vdi_lock.leaf_path();
+        let rec = vdi_lock.record();
         let fresh = rec.epoch.as_ref().is_some_and(|e| !e.persistent);
         let ov = overlay_path(&leaf, vdi);
         if !fresh && !g.overlay && !ov.exists() {
@@ -1042,7 +1048,18 @@ mod tests {
         }
 
         async fn start_with(&self, dps: Arc<Datapaths>) -> (Arc<Storage>, Arc<Datapaths>) {
-            let mut st = Storage::new(StorageConfig::new(&self.data));
+            self.start_with_failpoints(dps, crate::failpoint::Failpoints::none())
+                .await
+        }
+
+        async fn start_with_failpoints(
+            &self,
+            dps: Arc<Datapaths>,
+            failpoints: crate::failpoint::Failpoints,
+        ) -> (Arc<Storage>, Arc<Datapaths>) {
+            let mut cfg = StorageConfig::new(&self.data);
+            cfg.failpoints = failpoints;
+            let mut st = Storage::new(cfg);
             dps.listen().unwrap();
             st.set_datapath_hooks(dps.clone());
             let st = Arc::new(st);
@@ -1124,6 +1141,59 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(!dps.is_attached(SR, &vdi), "the export outlived SR.detach");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+    async fn an_attach_holding_the_vdi_lock_never_waits_for_the_sr_slot_behind_a_detach() {
+        // A GC round holds the SR's slot (read) and wants the VDI's lock; an SR.detach waits for
+        // the slot (write); the attach holds the VDI's lock. If the attach then asked for the
+        // slot, it would queue behind the detach: three-way deadlock.
+        let (reached_tx, reached_rx) = std::sync::mpsc::channel::<()>();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let go_rx = std::sync::Mutex::new(go_rx);
+        let reached_tx = std::sync::Mutex::new(reached_tx);
+        let fp = crate::failpoint::Failpoints::none().with_hook(Arc::new(move |name| {
+            if name == "datapath.vdi_locked" {
+                let _ = reached_tx.lock().unwrap().send(());
+                let _ = go_rx.lock().unwrap().recv_timeout(Duration::from_secs(20));
+            }
+        }));
+        let env = Env::new();
+        let (st, dps) = env
+            .start_with_failpoints(Datapaths::new(&env.sock), fp)
+            .await;
+        let vdi = new_vdi(&st).await;
+        let (st2, dps2, v2) = (st.clone(), dps.clone(), vdi.clone());
+        let attach =
+            tokio::spawn(async move { dps2.attach(&st2, SR, &v2, "dp1", true).await.map(|_| ()) });
+        tokio::task::spawn_blocking(move || reached_rx.recv_timeout(Duration::from_secs(10)))
+            .await
+            .unwrap()
+            .expect("the attach did not reach its failpoint");
+        // The "GC round": the SR's slot, read.
+        let (slot, sr) = st.attached(SR).await.unwrap();
+        let st3 = st.clone();
+        let detach = tokio::spawn(async move { st3.sr_detach(SR).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        go_tx.send(()).unwrap();
+        // The "GC round" now wants the VDI's lock: the attach must finish without the slot.
+        let op = sr.vdi(&vdi).unwrap().op.clone();
+        let vdi_lock = tokio::time::timeout(Duration::from_secs(10), op.lock_owned())
+            .await
+            .expect("the attach holding the VDI's lock waits for the SR's slot (deadlock)");
+        drop(vdi_lock);
+        drop(slot);
+        tokio::time::timeout(Duration::from_secs(10), detach)
+            .await
+            .expect("SR.detach hangs")
+            .unwrap()
+            .unwrap();
+        // The attach may have lost the race with the detach; either way it ended, and no
+        // export outlives the SR.
+        let _ = tokio::time::timeout(Duration::from_secs(10), attach)
+            .await
+            .expect("the attach hangs");
+        assert!(!dps.is_attached(SR, &vdi), "an export outlived SR.detach");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
