@@ -126,7 +126,33 @@ impl Disk {
 
     /// Opens a VHD held by any [`BlockIo`] (e.g. a [`crate::io::MemFile`]); `name` is used in
     /// messages.
+    ///
+    /// The file may be growing meanwhile: a writer (another process, or the agent's own export
+    /// of a live leaf, whose file a GC relink or a chain open reads) appends a block by moving
+    /// the footer to the new end first, then writing data, bitmap and BAT entry, so a BAT read
+    /// after the length can name a block past it. When the length changed while the file was
+    /// read, it is read again (a few times at most), so only a file that stood still is judged.
     pub fn from_io(io: Arc<dyn BlockIo>, name: &str, writable: bool) -> Result<Disk> {
+        const ATTEMPTS: usize = 8;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let before = io.len().ok();
+            let r = Self::open_once(io.clone(), name, writable);
+            let stood_still = before.is_some() && io.len().ok() == before;
+            if stood_still || attempt == ATTEMPTS {
+                return r;
+            }
+            tracing::debug!(
+                file = name,
+                attempt,
+                ok = r.is_ok(),
+                "file grew while it was opened; reading it again"
+            );
+        }
+    }
+
+    fn open_once(io: Arc<dyn BlockIo>, name: &str, writable: bool) -> Result<Disk> {
         let len = io
             .len()
             .map_err(|e| Error::io(name, "reading the file size", e))?;

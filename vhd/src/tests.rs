@@ -752,6 +752,53 @@ proptest! {
     }
 }
 
+/// A file whose first `len()` answers an older, shorter length, as a reader racing a writer
+/// that appends a block sees it.
+struct GrewWhileOpening {
+    inner: Arc<MemFile>,
+    stale_len: std::sync::Mutex<Option<u64>>,
+}
+
+impl BlockIo for GrewWhileOpening {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        match self.stale_len.lock().unwrap().take() {
+            Some(l) => Ok(l),
+            None => self.inner.len(),
+        }
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+}
+
+#[test]
+fn a_disk_opened_while_a_writer_appends_a_block_opens_with_that_block() {
+    let m = mem_dynamic(4 * BS as u64);
+    let before = m.len().unwrap();
+    {
+        let c = mem_chain(std::slice::from_ref(&m));
+        c.write_at(&pattern(3, 4096), BS as u64).unwrap();
+    }
+    assert!(m.len().unwrap() > before, "the write appended a block");
+    // The reader takes the length before the append and the BAT after it.
+    let io = Arc::new(GrewWhileOpening {
+        inner: m,
+        stale_len: std::sync::Mutex::new(Some(before)),
+    });
+    let d = Disk::from_io(io, "growing", false).expect("a file that grew while opened opens");
+    assert!(d.is_allocated(1));
+    assert!(d.trailing_footer_ok());
+}
+
 // ---- fuzz findings, kept as named regressions ----
 
 /// fuzz `locators` crash-e75ad4a9: locator text starting with "tdbatmap", written where the
