@@ -11,7 +11,10 @@ fuzz_target!(|data: &[u8]| {
         }
         if let Ok(req) = parse_request(&data[..len], extended) {
             assert_eq!(encode_request(&req, extended), data[..len].to_vec());
-            assert_eq!(parse_request(&encode_request(&req, extended), extended), Ok(req));
+            assert_eq!(
+                parse_request(&encode_request(&req, extended), extended),
+                Ok(req)
+            );
         }
     }
 });

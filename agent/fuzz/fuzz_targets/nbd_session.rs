@@ -4,11 +4,11 @@
 //! never panic, and must end the connection once the client's bytes run out (no hang), while
 //! the test reads every reply it sends.
 #![no_main]
-use ddstor::datapath::{serve_connection, ExportOptions, Exports, MemBackend};
+#[path = "session_common.rs"]
+mod session_common;
+use ddstor::datapath::{ExportOptions, Exports, MemBackend};
 use libfuzzer_sys::fuzz_target;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
-use tokio::io::AsyncWriteExt;
 
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -24,7 +24,11 @@ fuzz_target!(|data: &[u8]| {
     runtime().block_on(async {
         let exports = Exports::new();
         exports
-            .add("", Arc::new(MemBackend::new(1 << 20, false)), ExportOptions::default())
+            .add(
+                "",
+                Arc::new(MemBackend::new(1 << 20, false)),
+                ExportOptions::default(),
+            )
             .expect("export");
         exports
             .add(
@@ -38,18 +42,7 @@ fuzz_target!(|data: &[u8]| {
             .expect("export");
         let (client, server) = tokio::io::duplex(64 << 10);
         let (sr, sw) = tokio::io::split(server);
-        let (mut cr, mut cw) = tokio::io::split(client);
-        let srv = tokio::spawn(serve_connection(sr, sw, exports));
-        let drain = tokio::spawn(async move {
-            let _ = tokio::io::copy(&mut cr, &mut tokio::io::sink()).await;
-        });
-        let _ = cw.write_all(data).await;
-        let _ = cw.shutdown().await;
-        drop(cw);
-        let res = tokio::time::timeout(Duration::from_secs(20), srv)
-            .await
-            .expect("the server did not end the connection after the client's EOF");
-        let _ = res.expect("the connection task panicked");
-        let _ = drain.await;
+        let (cr, cw) = tokio::io::split(client);
+        session_common::play(sr, sw, cr, cw, exports, data).await;
     });
 });

@@ -3,12 +3,12 @@
 //! in a pipe from the file's pages and spliced into the socket) as well as the copying one. The
 //! server must never panic and must end the connection once the client's bytes run out.
 #![no_main]
-use ddstor::datapath::{serve_connection, ExportOptions, Exports, RawFileBackend};
+#[path = "session_common.rs"]
+mod session_common;
+use ddstor::datapath::{ExportOptions, Exports, RawFileBackend};
 use libfuzzer_sys::fuzz_target;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
-use tokio::io::AsyncWriteExt;
 
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -53,18 +53,7 @@ fuzz_target!(|data: &[u8]| {
             .expect("export");
         let (client, server) = tokio::net::UnixStream::pair().expect("socketpair");
         let (sr, sw) = server.into_split();
-        let (mut cr, mut cw) = client.into_split();
-        let srv = tokio::spawn(serve_connection(sr, sw, exports));
-        let drain = tokio::spawn(async move {
-            let _ = tokio::io::copy(&mut cr, &mut tokio::io::sink()).await;
-        });
-        let _ = cw.write_all(data).await;
-        let _ = cw.shutdown().await;
-        drop(cw);
-        let res = tokio::time::timeout(Duration::from_secs(20), srv)
-            .await
-            .expect("the server did not end the connection after the client's EOF");
-        let _ = res.expect("the connection task panicked");
-        let _ = drain.await;
+        let (cr, cw) = client.into_split();
+        session_common::play(sr, sw, cr, cw, exports, data).await;
     });
 });

@@ -6,7 +6,7 @@ use super::sr::print_vdi_table;
 use crate::client::ClientError;
 use crate::datapath::manager::state_to_string;
 use clap::{Args, Subcommand};
-use interface::{Call, Dbg, DpId, DpStat, Implementation, Response, SrId, VdiId, VdiInfo, VmId};
+use interface::{Call, Dbg, DpId, DpStat, Implementation, Response, SrId, VdiId, VdiInfo};
 
 /// Arguments of `ddstor vdi`.
 #[derive(Debug, Args)]
@@ -21,6 +21,19 @@ pub struct VdiArgs {
     lookup: bool,
     #[command(subcommand)]
     command: VdiCommand,
+}
+
+/// The VDI and datapath a datapath verb acts on.
+#[derive(Debug, Args)]
+struct DpTarget {
+    /// The VDI.
+    vdi: String,
+    /// The datapath (any name; every call on one datapath is idempotent).
+    #[arg(long)]
+    dp: String,
+    /// The VM the datapath is for (informational).
+    #[arg(long, default_value = "")]
+    vm: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -122,50 +135,32 @@ enum VdiCommand {
     /// line: the NBD URI (`nbd:unix:SOCKET:exportname=SR/VDI`), then the kernel nbd block
     /// device where the agent connected one.
     Attach {
-        /// The VDI.
-        vdi: String,
-        /// The datapath (any name; every call on one datapath is idempotent).
-        #[arg(long)]
-        dp: String,
+        #[command(flatten)]
+        on: DpTarget,
         /// Attach read-only (writes fail with EPERM).
         #[arg(long)]
         read_only: bool,
-        /// The VM the datapath is for (informational).
-        #[arg(long, default_value = "")]
-        vm: String,
         /// Print xapi's backend JSON.
         #[arg(long)]
         json: bool,
     },
     /// Let I/O flow on an attached datapath (VDI.activate3, or VDI.activate_readonly).
     Activate {
-        /// The VDI.
-        vdi: String,
-        /// The datapath.
-        #[arg(long)]
-        dp: String,
+        #[command(flatten)]
+        on: DpTarget,
         /// Activate read-only (VDI.activate_readonly).
         #[arg(long)]
         read_only: bool,
-        /// The VM the datapath is for (informational).
-        #[arg(long, default_value = "")]
-        vm: String,
     },
     /// Complete and flush in-flight I/O, then pause it (VDI.deactivate).
     Deactivate {
-        /// The VDI.
-        vdi: String,
-        /// The datapath.
-        #[arg(long)]
-        dp: String,
+        #[command(flatten)]
+        on: DpTarget,
     },
     /// Remove the datapath's access to the VDI (VDI.detach; the export goes with the last one).
     Detach {
-        /// The VDI.
-        vdi: String,
-        /// The datapath.
-        #[arg(long)]
-        dp: String,
+        #[command(flatten)]
+        on: DpTarget,
     },
     /// Every datapath's state of a VDI and its overall state (DP.stat_vdi), as a table (or
     /// JSON with --json).
@@ -184,6 +179,21 @@ enum VdiCommand {
         #[arg(long)]
         allow_leak: bool,
     },
+}
+
+/// A datapath call `method` (VDI.activate3, VDI.deactivate, …) on `on` in `sr`, with `extra`
+/// parameters (VDI.attach3's `read_write`).
+fn dp_call(
+    method: &str,
+    sr: &SrId,
+    on: &DpTarget,
+    extra: &[(&str, serde_json::Value)],
+) -> Result<Call, ClientError> {
+    let mut args = serde_json::json!({"sr": sr.as_str(), "vdi": on.vdi, "dp": on.dp, "vm": on.vm});
+    for (k, v) in extra {
+        args[*k] = v.clone();
+    }
+    Call::from_json(method, args).map_err(ClientError::Storage)
 }
 
 /// The lines `ddstor vdi datapaths` prints for `st`.
@@ -353,22 +363,12 @@ pub fn run(mut a: VdiArgs) -> anyhow::Result<()> {
                 let _ = print_response(&r);
             }
             VdiCommand::Attach {
-                vdi,
-                dp,
+                on,
                 read_only,
-                vm,
                 json,
             } => {
-                let r = c
-                    .call(Call::VdiAttach3 {
-                        dbg: d(),
-                        dp: DpId::new(dp),
-                        sr: sr.clone(),
-                        vdi: vdi.into(),
-                        vm: VmId::new(vm),
-                        read_write: !read_only,
-                    })
-                    .await?;
+                let rw = [("read_write", serde_json::Value::Bool(!read_only))];
+                let r = c.call(dp_call("VDI.attach3", &sr, &on, &rw)?).await?;
                 match (&r, json) {
                     (Response::Backend(b), false) => {
                         for i in &b.implementations {
@@ -380,51 +380,19 @@ pub fn run(mut a: VdiArgs) -> anyhow::Result<()> {
                     }
                 }
             }
-            VdiCommand::Activate {
-                vdi,
-                dp,
-                read_only,
-                vm,
-            } => {
-                let (dp, vdi, vm) = (DpId::new(dp), VdiId::new(vdi), VmId::new(vm));
-                let call = if read_only {
-                    Call::VdiActivateReadonly {
-                        dbg: d(),
-                        dp,
-                        sr: sr.clone(),
-                        vdi,
-                        vm,
-                    }
+            VdiCommand::Activate { on, read_only } => {
+                let method = if read_only {
+                    "VDI.activate_readonly"
                 } else {
-                    Call::VdiActivate3 {
-                        dbg: d(),
-                        dp,
-                        sr: sr.clone(),
-                        vdi,
-                        vm,
-                    }
+                    "VDI.activate3"
                 };
-                c.call(call).await?;
+                c.call(dp_call(method, &sr, &on, &[])?).await?;
             }
-            VdiCommand::Deactivate { vdi, dp } => {
-                c.call(Call::VdiDeactivate {
-                    dbg: d(),
-                    dp: DpId::new(dp),
-                    sr: sr.clone(),
-                    vdi: vdi.into(),
-                    vm: VmId::default(),
-                })
-                .await?;
+            VdiCommand::Deactivate { on } => {
+                c.call(dp_call("VDI.deactivate", &sr, &on, &[])?).await?;
             }
-            VdiCommand::Detach { vdi, dp } => {
-                c.call(Call::VdiDetach {
-                    dbg: d(),
-                    dp: DpId::new(dp),
-                    sr: sr.clone(),
-                    vdi: vdi.into(),
-                    vm: VmId::default(),
-                })
-                .await?;
+            VdiCommand::Detach { on } => {
+                c.call(dp_call("VDI.detach", &sr, &on, &[])?).await?;
             }
             VdiCommand::Datapaths { vdi, json } => {
                 let r = c
