@@ -1,5 +1,6 @@
 //! Crash injection: for EVERY failpoint the engine lists (`ddstor serve --list-failpoints`),
-//! run a workload of create/snapshot/clone/destroy against `ddstor serve` with that failpoint
+//! run a workload of create/snapshot/clone/destroy (and one datapath's attach/activate/
+//! deactivate/detach) against `ddstor serve` with that failpoint
 //! armed (the agent SIGKILLs itself there), restart the agent, attach the SR and check:
 //! - the interrupted call took effect fully or not at all (scan = state before or after it);
 //! - no half-made node: every VHD file is a visible VDI or an ancestor of one, every VDI's
@@ -165,6 +166,18 @@ fn workload(agent: &Agent, sr: &str, v0: &str) -> Option<Outcome> {
             json!({"sr": sr, "new_name_label": "sr2"}),
             Effect::None,
         )?;
+        // A datapath's life (failpoints `datapath.*`): nothing it does changes the VDI set.
+        let dp = |extra: Value| {
+            let mut a = json!({"sr": sr, "vdi": v0, "dp": "crash-dp", "vm": "vm0"});
+            if let Value::Object(m) = extra {
+                a.as_object_mut().unwrap().extend(m);
+            }
+            a
+        };
+        run("VDI.attach3", dp(json!({"read_write": true})), Effect::None)?;
+        run("VDI.activate3", dp(json!({})), Effect::None)?;
+        run("VDI.deactivate", dp(json!({})), Effect::None)?;
+        run("VDI.detach", dp(json!({})), Effect::None)?;
         Ok(())
     };
     steps().err()
