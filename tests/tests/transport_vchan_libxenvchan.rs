@@ -58,6 +58,7 @@ fn shim_path() -> PathBuf {
         profile.join("deps/libddstor_xen_sim.so"),
     ] {
         if p.exists() {
+            ddstor_e2e::assert_fresh(&p, &["transport/sim-shim/src", "transport/src"]);
             return p;
         }
     }
