@@ -90,6 +90,24 @@ pub struct ReadPiece {
     pub source: PieceSource,
 }
 
+impl ReadPiece {
+    /// Whether bytes from `next` carry on where this piece ends (zeros after zeros, or the next
+    /// bytes of the same file).
+    fn continued_by(&self, next: PieceSource) -> bool {
+        match (self.source, next) {
+            (PieceSource::Zero, PieceSource::Zero) => true,
+            (
+                PieceSource::File { layer, file_offset },
+                PieceSource::File {
+                    layer: l2,
+                    file_offset: o2,
+                },
+            ) => layer == l2 && file_offset + self.len == o2,
+            _ => false,
+        }
+    }
+}
+
 /// Where the bytes of a [`ReadPiece`] are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PieceSource {
@@ -386,19 +404,8 @@ impl Chain {
                 },
                 None => PieceSource::Zero,
             };
-            match (out.last_mut(), source) {
-                (Some(l), PieceSource::Zero) if l.source == PieceSource::Zero => l.len += z - a,
-                (
-                    Some(ReadPiece {
-                        len: ll,
-                        source:
-                            PieceSource::File {
-                                layer: la,
-                                file_offset: fa,
-                            },
-                    }),
-                    PieceSource::File { layer, file_offset },
-                ) if *la == layer && *fa + *ll == file_offset => *ll += z - a,
+            match out.last_mut() {
+                Some(l) if l.continued_by(source) => l.len += z - a,
                 _ => out.push(ReadPiece { len: z - a, source }),
             }
             Ok(())

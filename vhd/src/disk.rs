@@ -137,9 +137,11 @@ impl Disk {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let before = io.len().ok();
-            let r = Self::open_once(io.clone(), name, writable);
-            let stood_still = before.is_some() && io.len().ok() == before;
+            let len = io
+                .len()
+                .map_err(|e| Error::io(name, "reading the file size", e))?;
+            let r = Self::open_once(io.clone(), name, writable, len);
+            let stood_still = io.len().is_ok_and(|now| now == len);
             if stood_still || attempt == ATTEMPTS {
                 return r;
             }
@@ -152,10 +154,8 @@ impl Disk {
         }
     }
 
-    fn open_once(io: Arc<dyn BlockIo>, name: &str, writable: bool) -> Result<Disk> {
-        let len = io
-            .len()
-            .map_err(|e| Error::io(name, "reading the file size", e))?;
+    /// One reading of the file, whose length was `len` when it began.
+    fn open_once(io: Arc<dyn BlockIo>, name: &str, writable: bool, len: u64) -> Result<Disk> {
         if len < FOOTER_SIZE as u64 {
             return Err(Error::corrupt(
                 name,

@@ -114,20 +114,9 @@ fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     })
 }
 
-/// Raises the open-file limit for zero-copy pipes, logging the outcome (never fatal).
-pub(crate) fn raise_open_file_limit() {
-    match crate::datapath::splice::raise_open_file_limit() {
-        Ok(n) => tracing::debug!(limit = n, "open-file limit"),
-        Err(e) => tracing::warn!(
-            error = %e,
-            "could not raise the open-file limit; busy NBD connections may copy replies"
-        ),
-    }
-}
-
 fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let backend = open_backend(&a)?;
-    raise_open_file_limit();
+    crate::datapath::splice::raise_open_file_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -232,7 +232,7 @@ async fn wait_for_signal() -> anyhow::Result<&'static str> {
 async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating the data directory {}", cfg.data_dir.display()))?;
-    crate::cli::nbd::raise_open_file_limit();
+    crate::datapath::splice::raise_open_file_limit();
     let failpoints = Failpoints::from_env();
     if let Some(fp) = failpoints.armed() {
         tracing::warn!(

@@ -2,12 +2,13 @@
 //! requests run at once) and its implementations — an in-memory disk for tests, a raw file,
 //! and (in `chain.rs`) a VHD chain.
 
+use super::splice::Piece;
 use super::Error;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 /// Allocation state of one extent, as `NBD_CMD_BLOCK_STATUS` (`base:allocation`) reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,21 +32,6 @@ pub struct Extent {
     pub state: ExtentState,
 }
 
-/// One piece of a [`BlockBackend::read_plan`].
-pub enum PlanPiece {
-    /// This many zero bytes.
-    Zero(u64),
-    /// `len` bytes of `file` from byte `offset` (the file stays open while the piece lives).
-    File {
-        /// The file (its [`vhd::BlockIo::as_file`] is the descriptor spliced from).
-        file: Arc<dyn vhd::BlockIo>,
-        /// Byte offset in the file.
-        offset: u64,
-        /// Length in bytes.
-        len: u64,
-    },
-}
-
 /// A virtual disk served by an export. Every method takes `&self` and may run concurrently
 /// with the others from many threads; implementations lock internally where they must.
 /// Offsets and lengths are bytes; callers keep `offset + len <= size()`.
@@ -65,10 +51,10 @@ pub trait BlockBackend: Send + Sync + 'static {
         Ok(false)
     }
     /// Where the bytes of `[offset, offset+len)` are, without reading them: zeros and ranges
-    /// of files, in order, for replies that move file pages to the socket without copying
-    /// them. `Ok(None)` (the default) when the backend has no files; the caller then reads.
-    /// May block (it may read metadata).
-    fn read_plan(&self, offset: u64, len: u64) -> Result<Option<Vec<PlanPiece>>, Error> {
+    /// of the backend's files ([`Piece::Zero`], [`Piece::File`]), in order, for replies that
+    /// move file pages to the socket without copying them. `Ok(None)` (the default) when the
+    /// backend has no files; the caller then reads. May block (it may read metadata).
+    fn read_plan(&self, offset: u64, len: u64) -> Result<Option<Vec<Piece<'_>>>, Error> {
         let _ = (offset, len);
         Ok(None)
     }
@@ -218,7 +204,7 @@ impl BlockBackend for MemBackend {
 
 /// A raw image file served as is, with positional I/O (`pread`/`pwrite`).
 pub struct RawFileBackend {
-    file: Arc<File>,
+    file: File,
     size: u64,
     read_only: bool,
     dirty: AtomicBool,
@@ -237,7 +223,7 @@ impl RawFileBackend {
             .map_err(|e| Error::Open(path.display().to_string(), e.to_string()))?
             .len();
         Ok(RawFileBackend {
-            file: Arc::new(file),
+            file,
             size,
             read_only,
             dirty: AtomicBool::new(false),
@@ -256,11 +242,11 @@ impl BlockBackend for RawFileBackend {
         self.file.read_exact_at(buf, offset).map_err(Error::Io)
     }
     fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool, Error> {
-        vhd::io::BlockIo::try_read_at(&*self.file, buf, offset).map_err(Error::Io)
+        vhd::io::BlockIo::try_read_at(&self.file, buf, offset).map_err(Error::Io)
     }
-    fn read_plan(&self, offset: u64, len: u64) -> Result<Option<Vec<PlanPiece>>, Error> {
-        Ok(Some(vec![PlanPiece::File {
-            file: self.file.clone(),
+    fn read_plan(&self, offset: u64, len: u64) -> Result<Option<Vec<Piece<'_>>>, Error> {
+        Ok(Some(vec![Piece::File {
+            file: &self.file,
             offset,
             len,
         }]))

@@ -1,7 +1,8 @@
 //! [`BlockBackend`] for a VHD chain ([`vhd::Chain`]): reads through the chain, writes into the
 //! leaf, block status straight from the BATs and sector bitmaps.
 
-use super::backend::{BlockBackend, Extent, ExtentState, PlanPiece};
+use super::backend::{BlockBackend, Extent, ExtentState};
+use super::splice::Piece;
 use super::Error;
 use std::path::Path;
 
@@ -58,21 +59,27 @@ impl BlockBackend for ChainBackend {
     fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool, Error> {
         self.chain.try_read_at(buf, offset).map_err(vhd_error)
     }
-    fn read_plan(&self, offset: u64, len: u64) -> Result<Option<Vec<PlanPiece>>, Error> {
+    fn read_plan(&self, offset: u64, len: u64) -> Result<Option<Vec<Piece<'_>>>, Error> {
         let plan = self.chain.read_plan(offset, len).map_err(vhd_error)?;
         let layers = self.chain.layers();
-        Ok(Some(
-            plan.into_iter()
-                .map(|p| match p.source {
-                    vhd::PieceSource::Zero => PlanPiece::Zero(p.len),
-                    vhd::PieceSource::File { layer, file_offset } => PlanPiece::File {
-                        file: layers[layer].io().clone(),
+        let mut out = Vec::with_capacity(plan.len());
+        for p in plan {
+            out.push(match p.source {
+                vhd::PieceSource::Zero => Piece::Zero(p.len),
+                vhd::PieceSource::File { layer, file_offset } => {
+                    // A layer that is not an OS file (in-memory tests) cannot be spliced.
+                    let Some(file) = layers[layer].io().as_file() else {
+                        return Ok(None);
+                    };
+                    Piece::File {
+                        file,
                         offset: file_offset,
                         len: p.len,
-                    },
-                })
-                .collect(),
-        ))
+                    }
+                }
+            });
+        }
+        Ok(Some(out))
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), Error> {
         self.chain.write_at(buf, offset).map_err(vhd_error)

@@ -145,6 +145,18 @@ struct Live {
 /// creates or changes an export, right after taking the VDI's lock.
 pub const DATAPATH: &[&str] = &["datapath.vdi_locked"];
 
+/// Opens the chain the export of `vdi` serves (the VDI's lock is held: no engine call from
+/// here, which could wait behind an SR.detach that waits for a GC holding the lock order the
+/// other way round).
+async fn open_chain(
+    vl: &VdiLock,
+    vdi: &str,
+    rw: bool,
+) -> Result<(Arc<dyn super::BlockBackend>, bool)> {
+    let (leaf, overlay) = serving_leaf(vl, vdi).await?;
+    Ok((open_leaf(leaf, rw).await?, overlay))
+}
+
 /// The top of the chain the export of `vdi` serves: during an epoch of a non-persistent disk
 /// its overlay (created if missing, e.g. when the agent restarted), else its leaf.
 async fn serving_leaf(vl: &VdiLock, vdi: &str) -> Result<(PathBuf, bool)> {
@@ -403,7 +415,7 @@ impl Datapaths {
         let rw = rw_of(to) == Some(RoRw::RW);
         let export = match g.export.clone() {
             None => {
-                let (backend, overlay) = self.open_chain(&vdi_lock, vdi, rw).await?;
+                let (backend, overlay) = open_chain(&vdi_lock, vdi, rw).await?;
                 g.overlay = overlay;
                 let e = self
                     .exports
@@ -433,7 +445,7 @@ impl Datapaths {
                         self.kernel_mode(sr, vdi, g, false)?;
                     }
                     e.pause().await.map_err(|x| dp_error("pausing I/O", x))?;
-                    let (backend, overlay) = self.open_chain(&vdi_lock, vdi, rw).await?;
+                    let (backend, overlay) = open_chain(&vdi_lock, vdi, rw).await?;
                     g.overlay = overlay;
                     e.replace_backend(backend)
                         .map_err(|x| dp_error("switching the chain", x))?;
@@ -530,19 +542,6 @@ impl Datapaths {
                 Ok(())
             }
         }
-    }
-
-    /// Opens the chain the export of `vdi` serves (the VDI's lock is held: no engine call from
-    /// here, which could wait behind an SR.detach that waits for a GC holding the lock order
-    /// the other way round).
-    async fn open_chain(
-        &self,
-        vl: &VdiLock,
-        vdi: &str,
-        rw: bool,
-    ) -> Result<(Arc<dyn super::BlockBackend>, bool)> {
-        let (leaf, overlay) = serving_leaf(vl, vdi).await?;
-        Ok((open_leaf(leaf, rw).await?, overlay))
     }
 
     /// After `VDI.epoch_begin`/`epoch_end`: a non-persistent disk's previous epoch layer is

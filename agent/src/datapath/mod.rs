@@ -20,7 +20,7 @@ pub mod proto;
 pub mod server;
 pub mod splice;
 
-pub use backend::{BlockBackend, Extent, ExtentState, MemBackend, PlanPiece, RawFileBackend};
+pub use backend::{BlockBackend, Extent, ExtentState, MemBackend, RawFileBackend};
 pub use chain::ChainBackend;
 pub use export::{Export, ExportOptions, Exports};
 pub use manager::Datapaths;

@@ -10,7 +10,7 @@
 //! Requests in flight per connection are bounded (count and bytes) and a permit is released
 //! only once its reply is written, so a client that never reads its replies stalls only itself.
 
-use super::backend::{Extent, ExtentState, PlanPiece};
+use super::backend::{Extent, ExtentState};
 use super::export::{Export, Exports};
 use super::proto::{self, errno, ReplyStyle, Request};
 use super::splice::{FilledPipe, Piece, PipePool};
@@ -38,36 +38,35 @@ const BYTE_UNIT: u64 = 64 << 10;
 /// (bigger ones, and uncached ones, go to the blocking pool, where big copies run in parallel).
 const INLINE_READ_MAX_DEFAULT: u64 = 64 << 10;
 
-/// The largest read answered inline: `DDSTOR_NBD_INLINE_READ_MAX` (bytes; 0 = never inline), a
-/// tuning knob for benchmarks, else [`INLINE_READ_MAX_DEFAULT`].
+/// A byte-count tuning knob for benchmarks: the environment variable `var`, else `default`.
+fn bytes_knob(var: &str, default: u64) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The largest read answered inline: `DDSTOR_NBD_INLINE_READ_MAX` (bytes; 0 = never inline),
+/// else [`INLINE_READ_MAX_DEFAULT`].
 fn inline_read_max() -> u64 {
     static V: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *V.get_or_init(|| {
-        std::env::var("DDSTOR_NBD_INLINE_READ_MAX")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(INLINE_READ_MAX_DEFAULT)
-    })
+    *V.get_or_init(|| bytes_knob("DDSTOR_NBD_INLINE_READ_MAX", INLINE_READ_MAX_DEFAULT))
 }
 /// Default of the smallest read sent zero-copy (spliced from the page cache through a pipe;
 /// see [`super::splice`]) when the connection is a socket. Below it, copying costs less than
 /// the pipe's system calls.
 const ZERO_COPY_MIN_DEFAULT: u64 = 32 << 10;
 
-/// The smallest read sent zero-copy: `DDSTOR_NBD_ZERO_COPY_MIN` (bytes; 0 = never), a tuning
-/// knob for benchmarks, else [`ZERO_COPY_MIN_DEFAULT`].
+/// The smallest read sent zero-copy: `DDSTOR_NBD_ZERO_COPY_MIN` (bytes; 0 = never), else
+/// [`ZERO_COPY_MIN_DEFAULT`].
 fn zero_copy_min() -> u64 {
     static V: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *V.get_or_init(|| {
-        match std::env::var("DDSTOR_NBD_ZERO_COPY_MIN")
-            .ok()
-            .and_then(|v| v.parse().ok())
-        {
-            Some(0) => u64::MAX,
-            Some(v) => v,
-            None => ZERO_COPY_MIN_DEFAULT,
-        }
-    })
+    *V.get_or_init(
+        || match bytes_knob("DDSTOR_NBD_ZERO_COPY_MIN", ZERO_COPY_MIN_DEFAULT) {
+            0 => u64::MAX,
+            v => v,
+        },
+    )
 }
 
 /// Time a client has to finish the handshake.
@@ -795,33 +794,26 @@ async fn writer_task<W: NbdSink>(
 }
 
 /// Writes one reply: bytes into the buffer; a pipe (after what is buffered) straight into the
-/// socket, or copied where the stream is not a socket.
+/// socket. Pipe replies exist only on connections whose stream is a socket ([`Conn::pipes`]).
 async fn write_reply<W: NbdSink>(w: &mut BufWriter<W>, rep: Reply) -> std::io::Result<()> {
-    match rep.body {
-        Body::Bytes(ref b) => w.write_all(b).await,
-        Body::Pipe(mut pipe) => {
-            w.flush().await?;
-            match w.get_ref().socket() {
-                Some(sock) => {
-                    while pipe.remaining() > 0 {
-                        match sock.try_splice(&mut pipe) {
-                            Ok(_) => {}
-                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                                std::future::poll_fn(|cx| sock.poll_writable(cx)).await?;
-                            }
-                            Err(e) => return Err(e),
-                        }
-                    }
-                    Ok(())
-                }
-                None => {
-                    let mut b = Vec::with_capacity(pipe.remaining());
-                    pipe.drain_into(&mut b)?;
-                    w.write_all(&b).await
-                }
+    let mut pipe = match rep.body {
+        Body::Bytes(ref b) => return w.write_all(b).await,
+        Body::Pipe(pipe) => pipe,
+    };
+    w.flush().await?;
+    let sock = w.get_ref().socket().ok_or_else(|| {
+        std::io::Error::other("internal error: a pipe reply on a stream that is not a socket")
+    })?;
+    while pipe.remaining() > 0 {
+        match sock.try_splice(&mut pipe) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::future::poll_fn(|cx| sock.poll_writable(cx)).await?;
             }
+            Err(e) => return Err(e),
         }
     }
+    Ok(())
 }
 
 type Permits = (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>);
@@ -1095,16 +1087,7 @@ impl Conn {
         self.finish_read_reply(&mut hdr, req);
         let mut pieces = Vec::with_capacity(plan.len() + 1);
         pieces.push(Piece::Bytes(&hdr));
-        for p in &plan {
-            pieces.push(match p {
-                PlanPiece::Zero(n) => Piece::Zero(*n),
-                PlanPiece::File { file, offset, len } => Piece::File {
-                    file: file.as_file()?,
-                    offset: *offset,
-                    len: *len,
-                },
-            });
-        }
+        pieces.extend(plan);
         match pool.fill(&pieces) {
             Ok(p) => p,
             Err(e) => {
