@@ -11,9 +11,12 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use uuid::Uuid;
 
-/// Bytes reserved for each parent locator's data (room for a relative path of 500 characters
-/// in UTF-16, so that [`set_parent`] can re-point a child in place).
-pub const LOCATOR_SPACE: u64 = 1024;
+/// Bytes reserved for a parent locator holding `data_len` bytes: whole sectors, at least one
+/// (as libvhd reserves them; a sector holds a relative path of 256 UTF-16 characters, so
+/// [`set_parent`] can re-point a child in place at any path of an SR).
+fn locator_space(data_len: usize) -> u64 {
+    round_up(data_len as u64, SECTOR).max(SECTOR)
+}
 
 /// Options for creating a disk.
 #[derive(Debug, Clone)]
@@ -82,6 +85,12 @@ pub struct ParentRef {
 
 /// Writes a new dynamic (`parent = None`) or differencing disk of `size` bytes into `io`,
 /// which must be empty. Returns the new disk's uuid. `size` is rounded up to whole sectors.
+///
+/// The layout is blktap's (libvhd's `vhd_create`/`vhd_snapshot`): footer copy at 0, dynamic
+/// header at 512, BAT at 1536, the batmap header in the sector after the BAT and the (empty)
+/// batmap right after it, then the MacX, W2ku and W2ru parent locators of a differencing disk
+/// (relative paths, each in its own whole sectors, `data_space` in bytes as libvhd writes it),
+/// then the footer. Blocks are placed after all of it.
 pub fn create_dynamic_io(
     io: &dyn BlockIo,
     name: &str,
@@ -106,15 +115,24 @@ pub fn create_dynamic_io(
         parent_name: String::new(),
         locators: Default::default(),
     };
-    let mut end = bat_off + bat_bytes;
+    let batmap_hdr_off = bat_off + bat_bytes;
+    let map_sectors = batmap_sectors(entries);
+    let map = vec![0u8; (map_sectors * SECTOR) as usize];
+    let batmap = BatmapHeader::new(
+        batmap_hdr_off + SECTOR,
+        map_sectors as u32,
+        batmap_checksum(&map, BATMAP_VERSION, size),
+    );
+    let mut end = batmap.offset + map_sectors * SECTOR;
     let mut locator_data = Vec::new();
     let ty = if let Some(p) = parent {
         header.parent_uuid = p.uuid;
         header.parent_timestamp = p.timestamp;
         header.parent_name = p.name.clone();
         for (i, code) in [PLAT_MACX, PLAT_W2KU, PLAT_W2RU].into_iter().enumerate() {
-            let data = encode_locator(code, &p.relative_path);
-            if data.len() as u64 > LOCATOR_SPACE {
+            let mut data = encode_locator(code, &p.relative_path);
+            let space = locator_space(data.len());
+            if space > u32::MAX as u64 {
                 return Err(Error::InvalidArgument(format!(
                     "parent path {:?} is too long for a locator",
                     p.relative_path
@@ -122,13 +140,14 @@ pub fn create_dynamic_io(
             }
             header.locators[i] = ParentLocator {
                 code,
-                data_space: (LOCATOR_SPACE / SECTOR) as u32,
+                data_space: space as u32,
                 data_len: data.len() as u32,
                 reserved: 0,
                 data_offset: end,
             };
+            data.resize(space as usize, 0);
             locator_data.push((end, data));
-            end += LOCATOR_SPACE;
+            end += space;
         }
         DiskType::Differencing
     } else {
@@ -142,17 +161,14 @@ pub fn create_dynamic_io(
     let fb = footer.to_bytes();
     io.write_at(&fb, 0).map_err(werr)?;
     io.write_at(&header.to_bytes(), 512).map_err(werr)?;
-    io.write_at(&vec![0xFF; (entries * 4) as usize], bat_off)
-        .map_err(werr)?;
-    io.write_at(
-        &vec![0; (bat_bytes - entries * 4) as usize],
-        bat_off + entries * 4,
-    )
-    .map_err(werr)?;
+    let mut bat = vec![0u8; bat_bytes as usize];
+    bat[..(entries * 4) as usize].fill(0xFF);
+    io.write_at(&bat, bat_off).map_err(werr)?;
+    let mut bm = batmap.to_bytes().to_vec();
+    bm.extend_from_slice(&map);
+    io.write_at(&bm, batmap_hdr_off).map_err(werr)?;
     for (off, data) in &locator_data {
-        let mut d = data.clone();
-        d.resize(LOCATOR_SPACE as usize, 0);
-        io.write_at(&d, *off).map_err(werr)?;
+        io.write_at(data, *off).map_err(werr)?;
     }
     io.write_at(&fb, end).map_err(werr)?;
     io.sync().map_err(werr)?;

@@ -7,11 +7,21 @@
 //! bitmap. A crash at any step leaves a readable file whose BAT references only complete
 //! blocks; at worst an unreferenced block-sized gap before the footer. Writes into allocated
 //! blocks go data first, then bitmap. New blocks always start after every piece of metadata
-//! (header, BAT, batmap, locators) and after every existing block.
+//! (header, BAT, batmap, locators) and after every existing block, placed as libvhd places
+//! them: the block's data (after its bitmap) begins on a 4 KiB boundary.
+//!
+//! The blktap batmap (one bit per block: set = every sector of the block is written) is kept
+//! true the same way: a block that becomes wholly written is remembered, and its bit is set on
+//! disk only by the next [`Disk::flush`], after the sync that makes the block's data, bitmap
+//! and BAT entry durable (then the map and its header go in one write, and a second sync). A
+//! crash before that leaves the bit clear, which is harmless: a clear bit only makes a reader
+//! consult the block's bitmap. No write of this engine ever clears a sector of a bitmap, so a
+//! set bit never needs clearing.
 
 use crate::error::{Error, Result};
 use crate::format::*;
 use crate::io::BlockIo;
+use crate::scan::{scan, FailFast, Layout};
 use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -64,6 +74,31 @@ struct AllocState {
     next_free: u64,
 }
 
+/// Where block data begins in the file: on a page boundary, as libvhd places it.
+const DATA_ALIGN: u64 = 4096;
+
+/// The blktap batmap of a disk and its pending updates.
+#[derive(Debug)]
+struct Batmap {
+    header_offset: u64,
+    state: Mutex<BatmapState>,
+}
+
+#[derive(Debug)]
+struct BatmapState {
+    /// The header sector as read (marker and key hash kept).
+    header_sector: [u8; SECTOR as usize],
+    header: BatmapHeader,
+    /// The map as it is (or is being) written to the file: only bits whose blocks were durable.
+    bits: Vec<u8>,
+    /// Blocks found wholly written since the last flush took its snapshot.
+    pending: Vec<u32>,
+    /// The map on disk is unusable (bad checksum): write it at the next flush.
+    rewrite: bool,
+    /// False when the header's placement or version forbid updating the map.
+    maintainable: bool,
+}
+
 /// A byte range of the file used by one structure (for overlap checks and reports).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Region {
@@ -91,7 +126,7 @@ pub struct Disk {
     bitmaps: RwLock<HashMap<u32, Arc<Bitmap>>>,
     alloc: Mutex<AllocState>,
     regions: Vec<Region>,
-    batmap: Option<BatmapHeader>,
+    batmap: Option<Batmap>,
     trailing_footer_ok: bool,
 }
 
@@ -156,244 +191,65 @@ impl Disk {
 
     /// One reading of the file, whose length was `len` when it began.
     fn open_once(io: Arc<dyn BlockIo>, name: &str, writable: bool, len: u64) -> Result<Disk> {
-        if len < FOOTER_SIZE as u64 {
-            return Err(Error::corrupt(
+        let layout = scan(io.as_ref(), name, len, &mut FailFast)?.ok_or_else(|| {
+            Error::corrupt(
                 name,
                 "file",
                 0,
-                format!("{len} bytes is too short to hold a VHD footer"),
-            ));
-        }
-        let read = |off: u64, n: usize, what: &str| -> Result<Vec<u8>> {
-            let mut b = vec![0u8; n];
-            io.read_at(&mut b, off)
-                .map_err(|e| Error::io(name, format!("reading the {what} at offset {off}"), e))?;
-            Ok(b)
+                "unreadable (the scan stopped without a reason)",
+            )
+        })?;
+        Ok(Disk::from_layout(io, name, writable, layout))
+    }
+
+    /// A disk from the result of a scan that found nothing fatal.
+    pub(crate) fn from_layout(
+        io: Arc<dyn BlockIo>,
+        name: &str,
+        writable: bool,
+        layout: Layout,
+    ) -> Disk {
+        let Layout {
+            footer,
+            trailing_footer_ok,
+            header,
+            bat,
+            regions,
+            batmap,
+            next_free,
+        } = layout;
+        let (block_size, bitmap_bytes) = match &header {
+            Some(h) => (h.block_size as u64, h.bitmap_bytes()),
+            None => (DEFAULT_BLOCK_SIZE as u64, 0),
         };
-        let tail_off = len - FOOTER_SIZE as u64;
-        let tail = Footer::parse(&read(tail_off, FOOTER_SIZE, "footer")?, name, tail_off);
-        let (footer, trailing_footer_ok) = match tail {
-            Ok(f) => (f, true),
-            Err(tail_err) => {
-                // Dynamic disks keep a copy at offset 0: usable after a crash that lost the end.
-                match Footer::parse(&read(0, FOOTER_SIZE, "footer copy")?, name, 0) {
-                    Ok(f) if f.disk_type != DiskType::Fixed => {
-                        tracing::warn!(file = name, error = %tail_err, "trailing footer invalid; using the copy at offset 0");
-                        (f, false)
-                    }
-                    _ => return Err(tail_err),
-                }
+        let batmap = batmap.map(|found| {
+            let header = found.header;
+            let rewrite = found.map.is_none() && found.maintainable;
+            let bits = found
+                .map
+                .unwrap_or_else(|| vec![0u8; header.size_sectors as usize * SECTOR as usize]);
+            Batmap {
+                header_offset: found.header_offset,
+                state: Mutex::new(BatmapState {
+                    header_sector: found.header_sector,
+                    header,
+                    bits,
+                    pending: Vec::new(),
+                    // A map with a bad checksum is rewritten (all clear) on the next flush.
+                    rewrite,
+                    maintainable: found.maintainable,
+                }),
             }
-        };
-        let footer_bytes = footer.to_bytes();
-        let size = footer.current_size;
-        let mut regions = Vec::new();
-        if footer.disk_type == DiskType::Fixed {
-            if size > tail_off {
-                return Err(Error::corrupt(
-                    name,
-                    "footer current size",
-                    tail_off + 48,
-                    format!("fixed disk of {size} bytes does not fit in a file of {len} bytes"),
-                ));
-            }
-            return Ok(Disk {
-                io,
-                name: name.into(),
-                path: None,
-                writable,
-                footer,
-                footer_bytes,
-                header: None,
-                bat: Vec::new(),
-                block_size: DEFAULT_BLOCK_SIZE as u64,
-                sectors_per_block: DEFAULT_BLOCK_SIZE / SECTOR as u32,
-                bitmap_bytes: 0,
-                bitmaps: RwLock::new(HashMap::new()),
-                alloc: Mutex::new(AllocState { next_free: len }),
-                regions: vec![Region {
-                    start: tail_off,
-                    end: len,
-                    what: "footer".into(),
-                }],
-                batmap: None,
-                trailing_footer_ok,
-            });
-        }
-        regions.push(Region {
-            start: 0,
-            end: 512,
-            what: "footer copy".into(),
         });
-        let hoff = footer.data_offset;
-        if hoff
-            .checked_add(HEADER_SIZE as u64)
-            .map_or(true, |e| e > len)
-        {
-            return Err(Error::corrupt(
-                name,
-                "footer data offset",
-                16,
-                format!("dynamic header at {hoff} lies past the end of the {len}-byte file"),
-            ));
-        }
-        let header = Header::parse(&read(hoff, HEADER_SIZE, "dynamic header")?, name, hoff)?;
-        regions.push(Region {
-            start: hoff,
-            end: hoff + HEADER_SIZE as u64,
-            what: "dynamic header".into(),
-        });
-        let block_size = header.block_size as u64;
-        let needed = size.div_ceil(block_size);
-        let entries = header.max_table_entries as u64;
-        if entries < needed {
-            return Err(Error::corrupt(name, "dynamic header max table entries", hoff + 28, format!("{entries} entries cannot map {size} bytes in blocks of {block_size} (need {needed})")));
-        }
-        let toff = header.table_offset;
-        let bat_bytes = round_up(entries * 4, SECTOR);
-        if toff.checked_add(bat_bytes).map_or(true, |e| e > len) {
-            return Err(Error::corrupt(name, "dynamic header table offset", hoff + 16, format!("BAT of {entries} entries at {toff} extends past the end of the {len}-byte file")));
-        }
-        regions.push(Region {
-            start: toff,
-            end: toff + bat_bytes,
-            what: "BAT".into(),
-        });
-        let raw = read(toff, (entries * 4) as usize, "BAT")?;
-        let bat: Vec<AtomicU32> = raw
-            .chunks_exact(4)
-            .map(|c| AtomicU32::new(u32::from_be_bytes([c[0], c[1], c[2], c[3]])))
-            .collect();
-        let bitmap_bytes = header.bitmap_bytes();
-        // blktap batmap: a header in the sector after the BAT, data elsewhere. Preserved as is.
-        let mut batmap = None;
-        let bm_off = toff + bat_bytes;
-        if bm_off + SECTOR <= tail_off {
-            if let Some(bm) = BatmapHeader::parse(&read(bm_off, SECTOR as usize, "batmap header")?)
-            {
-                regions.push(Region {
-                    start: bm_off,
-                    end: bm_off + SECTOR,
-                    what: "batmap header".into(),
-                });
-                let bm_end = bm.offset.saturating_add(bm.size_sectors as u64 * SECTOR);
-                if bm_end > len {
-                    return Err(Error::corrupt(
-                        name,
-                        "batmap offset",
-                        bm_off + 8,
-                        format!(
-                            "batmap at {} of {} sectors extends past the end of the file",
-                            bm.offset, bm.size_sectors
-                        ),
-                    ));
-                }
-                regions.push(Region {
-                    start: bm.offset,
-                    end: bm_end,
-                    what: "batmap".into(),
-                });
-                batmap = Some(bm);
-            }
-        }
-        // Parent locators matter only in differencing disks (a dynamic disk's entries are
-        // ignored, whatever they hold). Their data must lie inside the file: a region past the
-        // end could otherwise be overlapped by blocks allocated later.
-        let known = [
-            PLAT_MACX,
-            PLAT_W2KU,
-            PLAT_W2RU,
-            u32::from_be_bytes(*b"Wi2r"),
-            u32::from_be_bytes(*b"Wi2k"),
-            u32::from_be_bytes(*b"Mac "),
-        ];
-        for (i, l) in header.locators.iter().enumerate() {
-            if footer.disk_type != DiskType::Differencing
-                || !known.contains(&l.code)
-                || l.data_len == 0
-            {
-                continue;
-            }
-            let end = l
-                .data_offset
-                .saturating_add(round_up(l.data_len as u64, SECTOR));
-            if end > len {
-                return Err(Error::corrupt(
-                    name,
-                    format!("parent locator {i} ({})", l.code_name()),
-                    hoff + 576 + 24 * i as u64,
-                    format!(
-                        "data at {} of {} bytes lies past the end of the {len}-byte file",
-                        l.data_offset, l.data_len
-                    ),
-                ));
-            }
-            regions.push(Region {
-                start: l.data_offset,
-                end,
-                what: format!("parent locator {i} ({})", l.code_name()),
-            });
-        }
-        let meta_end = regions.iter().map(|r| r.end).max().unwrap_or(0);
-        let mut blocks: Vec<Region> = Vec::new();
-        for (i, e) in bat.iter().enumerate() {
-            let e = e.load(Ordering::Relaxed);
-            if e == BAT_UNUSED {
-                continue;
-            }
-            let start = e as u64 * SECTOR;
-            let end = start + bitmap_bytes + block_size;
-            let limit = if trailing_footer_ok { tail_off } else { len };
-            if end > limit {
-                return Err(Error::corrupt(name, format!("BAT entry {i}"), toff + 4 * i as u64, format!("block at sector {e} (bytes {start}..{end}) extends past the end of the data area ({limit} bytes)")));
-            }
-            blocks.push(Region {
-                start,
-                end,
-                what: format!("block {i}"),
-            });
-        }
-        let mut all: Vec<&Region> = regions.iter().chain(blocks.iter()).collect();
-        all.sort_by_key(|r| (r.start, r.end));
-        for w in all.windows(2) {
-            if w[1].start < w[0].end {
-                let off = blocks
-                    .iter()
-                    .find(|b| b.what == w[1].what || b.what == w[0].what)
-                    .and_then(|b| {
-                        b.what
-                            .strip_prefix("block ")
-                            .and_then(|n| n.parse::<u64>().ok())
-                    })
-                    .map(|n| toff + 4 * n)
-                    .unwrap_or(w[1].start);
-                return Err(Error::corrupt(
-                    name,
-                    format!("{} placement", w[1].what),
-                    off,
-                    format!(
-                        "bytes {}..{} overlap {} at {}..{}",
-                        w[1].start, w[1].end, w[0].what, w[0].start, w[0].end
-                    ),
-                ));
-            }
-        }
-        let blocks_end = blocks.iter().map(|r| r.end).max().unwrap_or(0);
-        let file_end = if trailing_footer_ok {
-            tail_off
-        } else {
-            round_up(len, SECTOR)
-        };
-        let next_free = round_up(meta_end.max(blocks_end).max(file_end), SECTOR);
-        Ok(Disk {
+        Disk {
             io,
             name: name.into(),
             path: None,
             writable,
+            footer_bytes: footer.to_bytes(),
             footer,
-            footer_bytes,
-            header: Some(header.clone()),
-            bat,
+            header,
+            bat: bat.into_iter().map(AtomicU32::new).collect(),
             block_size,
             sectors_per_block: (block_size / SECTOR) as u32,
             bitmap_bytes,
@@ -402,7 +258,7 @@ impl Disk {
             regions,
             batmap,
             trailing_footer_ok,
-        })
+        }
     }
 
     /// The name used in messages (the path, or what `from_io` was given).
@@ -457,9 +313,27 @@ impl Disk {
     pub fn regions(&self) -> &[Region] {
         &self.regions
     }
-    /// The blktap batmap header, when the file has one.
-    pub fn batmap(&self) -> Option<&BatmapHeader> {
-        self.batmap.as_ref()
+    /// The blktap batmap header, when the file has one (as last written or read).
+    pub fn batmap(&self) -> Option<BatmapHeader> {
+        self.batmap.as_ref().map(|b| lock(&b.state).header)
+    }
+    /// True when the batmap says block `b` is wholly written, as the file says it (or will say
+    /// it once a flush in progress is done); bits of blocks written since the last flush are
+    /// not set yet. False without a batmap.
+    pub fn batmap_bit(&self, b: u64) -> bool {
+        self.batmap
+            .as_ref()
+            .is_some_and(|bm| batmap_bit(&lock(&bm.state).bits, b))
+    }
+
+    /// Remembers that block `b` is now wholly written (its bit is set by the next flush).
+    fn block_became_full(&self, b: u64) {
+        if let Some(bm) = &self.batmap {
+            let mut st = lock(&bm.state);
+            if st.maintainable && !batmap_bit(&st.bits, b) && !st.pending.contains(&(b as u32)) {
+                st.pending.push(b as u32);
+            }
+        }
     }
     /// False when the footer at the end of the file was unusable and the copy at 0 was used.
     pub fn trailing_footer_ok(&self) -> bool {
@@ -640,7 +514,8 @@ impl Disk {
             self.write_into(b, entry, first, data)?;
             return Ok(false);
         }
-        let start = st.next_free;
+        // The data after the bitmap starts on a page boundary (libvhd's placement).
+        let start = round_up(st.next_free + self.bitmap_bytes, DATA_ALIGN) - self.bitmap_bytes;
         let end = start + self.bitmap_bytes + self.block_size;
         let sector = u32::try_from(start / SECTOR)
             .ok()
@@ -687,11 +562,16 @@ impl Disk {
             .write_at(&sector.to_be_bytes(), toff)
             .map_err(|e| werr("BAT entry", toff, e))?;
         st.next_free = end;
+        let full = bm.full;
         self.bitmaps
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(b as u32, Arc::new(bm));
         self.bat[b as usize].store(sector, Ordering::Release);
+        drop(st);
+        if full {
+            self.block_became_full(b);
+        }
         tracing::trace!(file = %self.name, block = b, offset = start, "allocated block");
         Ok(true)
     }
@@ -730,20 +610,80 @@ impl Disk {
                 )
             })?;
         let bm = Bitmap::from_bits(bits, self.sectors_per_block);
+        let full = bm.full;
         self.bitmaps
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(b as u32, Arc::new(bm));
+        if full {
+            self.block_became_full(b);
+        }
         Ok(())
     }
 
-    /// Makes every write so far durable (fdatasync).
+    /// Makes every write so far durable (fdatasync), then records in the batmap the blocks
+    /// that were wholly written before that sync (see the module documentation).
     pub fn flush(&self) -> Result<()> {
         if !self.writable {
             return Ok(());
         }
+        // Blocks noted before the sync are durable after it; later ones wait for the next flush.
+        let snapshot = self.batmap.as_ref().map(|bm| {
+            let mut st = lock(&bm.state);
+            (std::mem::take(&mut st.pending), st.rewrite)
+        });
         self.io
             .sync()
-            .map_err(|e| Error::io(&self.name, "flushing (fsync)", e))
+            .map_err(|e| Error::io(&self.name, "flushing (fsync)", e))?;
+        let (Some(bm), Some((blocks, rewrite))) = (&self.batmap, snapshot) else {
+            return Ok(());
+        };
+        if blocks.is_empty() && !rewrite {
+            return Ok(());
+        }
+        let mut st = lock(&bm.state);
+        for b in &blocks {
+            if let Some(byte) = st.bits.get_mut(*b as usize / 8) {
+                *byte |= 0x80 >> (b % 8);
+            }
+        }
+        st.header.checksum = batmap_checksum(&st.bits, st.header.version, self.footer.current_size);
+        let header = st.header;
+        header.write_into(&mut st.header_sector);
+        let werr = |e| Error::io(&self.name, "writing the batmap", e);
+        // The map normally follows its header: one write, so header and map agree or neither
+        // changed. Otherwise the map first, then the header with the checksum.
+        if header.offset == bm.header_offset + SECTOR {
+            let mut buf = Vec::with_capacity(SECTOR as usize + st.bits.len());
+            buf.extend_from_slice(&st.header_sector);
+            buf.extend_from_slice(&st.bits);
+            self.io.write_at(&buf, bm.header_offset).map_err(werr)?;
+        } else {
+            self.io.write_at(&st.bits, header.offset).map_err(werr)?;
+            self.io
+                .write_at(&st.header_sector, bm.header_offset)
+                .map_err(werr)?;
+        }
+        st.rewrite = false;
+        drop(st);
+        self.io
+            .sync()
+            .map_err(|e| Error::io(&self.name, "flushing the batmap (fsync)", e))
+    }
+}
+
+impl Drop for Disk {
+    /// Records the batmap bits of blocks written since the last flush (a flush first), so a
+    /// disk closed without a flush still leaves a batmap as complete as it can be.
+    fn drop(&mut self) {
+        let pending = self
+            .batmap
+            .as_ref()
+            .is_some_and(|bm| !lock(&bm.state).pending.is_empty());
+        if self.writable && pending {
+            if let Err(e) = self.flush() {
+                tracing::warn!(file = %self.name, error = %e, "flushing the batmap on close failed; its bits stay clear");
+            }
+        }
     }
 }

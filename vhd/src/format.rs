@@ -328,7 +328,8 @@ impl Footer {
             timestamp: vhd_now(),
             creator_app: *b"tap\0",
             creator_version: 0x0001_0003,
-            creator_os: u32::from_be_bytes(*b"Wi2k"),
+            // blktap's libvhd writes 0 here (no host OS).
+            creator_os: 0,
             original_size: size,
             current_size: size,
             geometry: Geometry::for_size(size),
@@ -337,6 +338,15 @@ impl Footer {
             saved_state: 0,
             hidden: 0,
         }
+    }
+
+    /// True when this footer promises a blktap batmap after the BAT: creator `tap` version 1.2
+    /// or later on a dynamic or differencing disk (libvhd's `vhd_has_batmap`; version 1.1 files
+    /// may or may not have one, so one is used when found but not demanded).
+    pub fn promises_batmap(&self) -> bool {
+        self.disk_type != DiskType::Fixed
+            && &self.creator_app[..3] == b"tap"
+            && self.creator_version >= 0x0001_0002
     }
 
     /// Creator application as text.
@@ -515,7 +525,14 @@ impl Header {
     }
 }
 
-/// blktap's batmap header (sector after the BAT): a bitmap of fully-allocated blocks.
+/// Version of the batmap this engine writes (blktap's `VHD_BATMAP_CURRENT_VERSION`, 1.2).
+pub const BATMAP_VERSION: u32 = 0x0001_0002;
+
+/// blktap's batmap header, in the sector after the BAT: "tdbatmap", the byte offset of the map
+/// (u64), its size in sectors (u32), the version (u32), the checksum of the map (u32), then a
+/// marker byte and a key hash this engine neither uses nor changes. The map holds one bit per
+/// block, most significant bit first; a set bit says the block is wholly written (every bit of
+/// its sector bitmap set), so a reader may skip the block's bitmap. A clear bit says nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatmapHeader {
     /// Byte offset of the batmap data.
@@ -541,6 +558,64 @@ impl BatmapHeader {
             checksum: be32(b, 24),
         })
     }
+
+    /// A new header for a map of `size_sectors` sectors at byte `offset`, with its checksum.
+    pub fn new(offset: u64, size_sectors: u32, checksum: u32) -> BatmapHeader {
+        BatmapHeader {
+            offset,
+            size_sectors,
+            version: BATMAP_VERSION,
+            checksum,
+        }
+    }
+
+    /// Writes the fields into `sector` (a header sector read from a file, or zeros), keeping
+    /// every other byte (marker, key hash) as it is.
+    pub fn write_into(&self, sector: &mut [u8; SECTOR as usize]) {
+        sector[0..8].copy_from_slice(BATMAP_COOKIE);
+        sector[8..16].copy_from_slice(&self.offset.to_be_bytes());
+        sector[16..20].copy_from_slice(&self.size_sectors.to_be_bytes());
+        sector[20..24].copy_from_slice(&self.version.to_be_bytes());
+        sector[24..28].copy_from_slice(&self.checksum.to_be_bytes());
+    }
+
+    /// The header as a fresh 512-byte sector (marker and key hash zero, as libvhd creates it).
+    pub fn to_bytes(&self) -> [u8; SECTOR as usize] {
+        let mut b = [0u8; SECTOR as usize];
+        self.write_into(&mut b);
+        b
+    }
+}
+
+/// Sectors of batmap for `entries` blocks (at least one, as libvhd sizes it).
+pub fn batmap_sectors(entries: u64) -> u64 {
+    entries.div_ceil(8).div_ceil(SECTOR).max(1)
+}
+
+/// The batmap checksum as libvhd computes it: the one's complement of the byte sum of the first
+/// `max(1, ⌈(virtual size / 16 MiB) / 512⌉)` sectors of the map (libvhd counts 2 MiB blocks
+/// whatever the block size), capped at the map's length; version 1.1 maps summed their bytes
+/// as signed chars.
+pub fn batmap_checksum(map: &[u8], version: u32, virtual_size: u64) -> u32 {
+    let sectors = (virtual_size >> 24).div_ceil(SECTOR).max(1);
+    let n = (sectors * SECTOR).min(map.len() as u64) as usize;
+    let mut sum: u32 = 0;
+    for &b in &map[..n] {
+        sum = sum.wrapping_add(if version == 0x0001_0001 {
+            b as i8 as i32 as u32
+        } else {
+            b as u32
+        });
+    }
+    !sum
+}
+
+/// True when bit `block` of a batmap (most significant bit first) is set.
+pub fn batmap_bit(map: &[u8], block: u64) -> bool {
+    usize::try_from(block / 8)
+        .ok()
+        .and_then(|i| map.get(i))
+        .is_some_and(|b| b & (0x80 >> (block % 8)) != 0)
 }
 
 /// Decodes a parent locator's data into a path text (`/` separators): UTF-16LE for `W2ru`/`W2ku`,

@@ -16,6 +16,7 @@ pub mod disk;
 pub mod error;
 pub mod format;
 pub mod io;
+mod scan;
 
 pub use chain::{
     resolve_parent, Chain, ChainOptions, Extent, ExtentState, PieceSource, ReadPiece,

@@ -629,36 +629,235 @@ fn absurd_sizes_are_refused() {
     assert!(e.contains("BAT") && e.contains("past the end"), "{e}");
 }
 
+/// The batmap bits of `d` are exactly its wholly written blocks.
+fn assert_batmap_exact(d: &Disk) {
+    assert!(d.batmap().is_some(), "{}: has a batmap", d.name());
+    for b in 0..d.bat_entries() as u64 {
+        let full = d.presence(b).unwrap().is_some_and(|bm| bm.is_full());
+        assert_eq!(
+            d.batmap_bit(b),
+            full,
+            "{}: batmap bit of block {b}",
+            d.name()
+        );
+    }
+}
+
 #[test]
-fn existing_batmap_is_preserved_and_new_blocks_go_after_it() {
-    // Build a file with a blktap-style batmap after the BAT, then write through it.
+fn a_foreign_batmap_keeps_its_marker_and_key_hash_and_is_kept_true() {
     let f = mem_dynamic(1 << 20);
-    let mut b = f.to_bytes();
-    let footer_at = b.len() - 512;
-    let footer = b[footer_at..].to_vec();
-    b.truncate(footer_at);
-    let bm_hdr = b.len() as u64; // sector after the BAT
-    let bm_data = bm_hdr + 512;
-    let mut h = vec![0u8; 512];
-    h[..8].copy_from_slice(b"tdbatmap");
-    h[8..16].copy_from_slice(&bm_data.to_be_bytes());
-    h[16..20].copy_from_slice(&1u32.to_be_bytes());
-    h[20..24].copy_from_slice(&0x0001_0002u32.to_be_bytes());
-    b.extend_from_slice(&h);
-    b.extend_from_slice(&[0xEE; 512]);
-    b.extend_from_slice(&footer);
-    let m = Arc::new(MemFile::from_bytes(b));
-    let c = mem_chain(std::slice::from_ref(&m));
-    assert!(c.layers()[0].batmap().is_some());
+    let d = Disk::from_io(f.clone(), "f", false).unwrap();
+    let bm_hdr = d.header().unwrap().table_offset + 512;
+    drop(d);
+    // A marker and a key hash as vhd-util key would write them (not covered by the checksum).
+    let keyed: Vec<u8> = (0..33).map(|i| i as u8 + 1).collect();
+    f.write_at(&keyed, bm_hdr + 28).unwrap();
+    let c = mem_chain(std::slice::from_ref(&f));
     c.write_at(&[9; 4096], 0).unwrap();
-    let after = m.to_bytes();
-    assert_eq!(&after[bm_hdr as usize..bm_hdr as usize + 8], b"tdbatmap");
-    assert!(after[bm_data as usize..bm_data as usize + 512]
-        .iter()
-        .all(|&x| x == 0xEE));
-    let entry = u32::from_be_bytes(after[1536..1540].try_into().unwrap()) as u64 * 512;
-    assert!(entry >= bm_data + 512, "block at {entry} overlaps metadata");
-    assert!(check_io(m, "m").is_ok());
+    c.flush().unwrap();
+    drop(c);
+    let after = f.to_bytes();
+    let h = bm_hdr as usize;
+    assert_eq!(&after[h..h + 8], b"tdbatmap");
+    assert_eq!(
+        &after[h + 28..h + 61],
+        &keyed[..],
+        "marker and key hash kept"
+    );
+    let d = Disk::from_io(f.clone(), "f", false).unwrap();
+    let map_end = d.batmap().unwrap().offset + 512;
+    assert_batmap_exact(&d);
+    assert!(d.batmap_bit(0));
+    let entry = d.bat_entry(0).unwrap() as u64 * 512;
+    assert!(entry >= map_end, "block at {entry} overlaps metadata");
+    assert_eq!((entry + 512) % 4096, 0, "block data starts on a page");
+    assert!(check_io(f, "f").is_ok());
+}
+
+#[test]
+fn batmap_bits_are_set_at_flush_for_wholly_written_blocks_only() {
+    let base = mem_dynamic(4 * BS as u64);
+    let c = mem_chain(std::slice::from_ref(&base));
+    c.write_at(&[1; 4096], BS as u64).unwrap();
+    // A dynamic disk's new block is wholly present (zero-filled), but not durable yet.
+    assert!(!c.layers()[0].batmap_bit(1));
+    c.flush().unwrap();
+    assert!(c.layers()[0].batmap_bit(1));
+    assert_batmap_exact(&c.layers()[0]);
+    drop(c);
+    let child = mem_child(&base, "b");
+    let c = mem_chain(&[child.clone(), base.clone()]);
+    c.write_at(&[2; 4096], 0).unwrap();
+    c.flush().unwrap();
+    assert!(!c.layers()[0].batmap_bit(0), "a partly written block");
+    c.write_at(&vec![3; BS as usize - 4096], 4096).unwrap();
+    assert!(!c.layers()[0].batmap_bit(0), "not before the flush");
+    c.flush().unwrap();
+    assert!(c.layers()[0].batmap_bit(0), "wholly written now");
+    assert_batmap_exact(&c.layers()[0]);
+    drop(c);
+    let d = Disk::from_io(child.clone(), "child", false).unwrap();
+    assert!(d.batmap_bit(0) && !d.batmap_bit(1));
+    assert!(check_io(child, "child").is_ok());
+}
+
+/// Records the order of writes and syncs.
+#[derive(Default)]
+struct Recorder {
+    inner: MemFile,
+    ops: std::sync::Mutex<Vec<(u64, u64)>>,
+}
+
+/// A sync in [`Recorder::ops`].
+const SYNC: (u64, u64) = (u64::MAX, 0);
+
+impl BlockIo for Recorder {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.ops
+            .lock()
+            .unwrap()
+            .push((offset, offset + buf.len() as u64));
+        self.inner.write_at(buf, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.ops.lock().unwrap().push(SYNC);
+        Ok(())
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+}
+
+#[test]
+fn a_batmap_bit_reaches_the_file_only_after_the_sync_that_makes_its_block_durable() {
+    for diff in [false, true] {
+        let base = mem_dynamic(4 * BS as u64);
+        let template = if diff {
+            mem_child(&base, "b")
+        } else {
+            base.clone()
+        };
+        let rec = Arc::new(Recorder {
+            inner: MemFile::from_bytes(template.to_bytes()),
+            ..Default::default()
+        });
+        let mut layers = vec![Disk::from_io(rec.clone(), "rec", true).unwrap()];
+        if diff {
+            layers.push(Disk::from_io(base.clone(), "base", false).unwrap());
+        }
+        let bm = layers[0].batmap().unwrap();
+        let batmap = (bm.offset - 512, bm.offset + 512);
+        let c = Chain::from_layers(layers, vec![], true).unwrap();
+        c.write_at(&pattern(4, BS as usize), 2 * BS as u64).unwrap();
+        c.flush().unwrap();
+        drop(c);
+        let ops = rec.ops.lock().unwrap().clone();
+        let touches = |o: &(u64, u64)| *o != SYNC && o.0 < batmap.1 && o.1 > batmap.0;
+        let at = ops
+            .iter()
+            .position(touches)
+            .expect("the batmap was written");
+        assert_eq!(
+            ops.iter().filter(|o| touches(o)).count(),
+            1,
+            "one write of header and map"
+        );
+        let last_sync_before = ops[..at]
+            .iter()
+            .rposition(|o| *o == SYNC)
+            .expect("a sync before");
+        assert!(
+            ops[last_sync_before..at].iter().all(|o| *o == SYNC),
+            "diff {diff}: nothing of the block written between that sync and the batmap: {ops:?}"
+        );
+        assert_eq!(ops.last(), Some(&SYNC), "the batmap is synced too");
+        let d = Disk::from_io(
+            Arc::new(MemFile::from_bytes(rec.inner.to_bytes())),
+            "d",
+            false,
+        )
+        .unwrap();
+        assert!(d.batmap_bit(2));
+    }
+}
+
+#[test]
+fn check_reports_a_batmap_bit_of_a_partly_written_block_and_a_bad_batmap_checksum() {
+    let base = mem_dynamic(4 * BS as u64);
+    let child = mem_child(&base, "b");
+    {
+        let c = mem_chain(&[child.clone(), base]);
+        c.write_at(&[5; 4096], BS as u64).unwrap();
+        c.flush().unwrap();
+    }
+    let d = Disk::from_io(child.clone(), "c", false).unwrap();
+    let bm = d.batmap().unwrap();
+    let hdr = bm.offset - 512;
+    drop(d);
+    // Claim block 1 (4 KiB of 64 KiB written) full, with a checksum that matches the claim.
+    let mut map = vec![0u8; 512];
+    map[0] = 0x40;
+    child.write_at(&map, bm.offset).unwrap();
+    let c = format::batmap_checksum(&map, bm.version, 4 * BS as u64);
+    child.write_at(&c.to_be_bytes(), hdr + 24).unwrap();
+    let r = check_io(child.clone(), "c");
+    assert!(
+        r.problems
+            .iter()
+            .any(|p| p.what.contains("batmap bit 1") && p.offset == Some(bm.offset)),
+        "{:?}",
+        r.problems
+    );
+    // Opening is not refused (the bitmaps, not the batmap, say what is present).
+    assert!(Disk::from_io(child.clone(), "c", false).is_ok());
+    // A checksum that does not match the map.
+    child.write_at(&(c ^ 1).to_be_bytes(), hdr + 24).unwrap();
+    let r = check_io(child.clone(), "c");
+    assert!(
+        r.problems
+            .iter()
+            .any(|p| p.what.contains("checksum") && p.what.contains("batmap")),
+        "{:?}",
+        r.problems
+    );
+    // The next flush of a write rewrites a true map (the stale claim is gone).
+    {
+        let d = Disk::from_io(child.clone(), "c", true).unwrap();
+        d.write_sectors(3, 0, &[6; 512]).unwrap();
+        d.flush().unwrap();
+    }
+    assert!(
+        check_io(child.clone(), "c").is_ok(),
+        "{:?}",
+        check_io(child, "c").problems
+    );
+}
+
+#[test]
+fn a_file_that_promises_a_batmap_but_has_none_is_reported_and_still_opens() {
+    let f = mem_dynamic(1 << 20);
+    let d = Disk::from_io(f.clone(), "f", false).unwrap();
+    let hdr = d.batmap().unwrap().offset - 512;
+    drop(d);
+    f.write_at(&[0; 8], hdr).unwrap();
+    let d = Disk::from_io(f.clone(), "f", true).unwrap();
+    assert!(d.batmap().is_none());
+    d.write_sectors(0, 0, &[1; 512]).unwrap();
+    d.flush().unwrap();
+    let r = check_io(f, "f");
+    assert!(
+        r.problems
+            .iter()
+            .any(|p| p.what.contains("promises a batmap")),
+        "{:?}",
+        r.problems
+    );
 }
 
 #[test]
@@ -747,6 +946,8 @@ proptest! {
         for f in &reopened {
             let r = check_io(f.clone(), "f");
             prop_assert!(r.is_ok(), "{:?}", r.problems);
+            // Every file was closed after its last write: its batmap is exact.
+            assert_batmap_exact(&Disk::from_io(f.clone(), "f", false).unwrap());
         }
         prop_assert_eq!(read_all(&mem_chain(&reopened)), model);
     }
@@ -802,24 +1003,24 @@ fn a_disk_opened_while_a_writer_appends_a_block_opens_with_that_block() {
 // ---- fuzz findings, kept as named regressions ----
 
 /// fuzz `locators` crash-e75ad4a9: locator text starting with "tdbatmap", written where the
-/// locator's data sits right after the BAT, reads as a batmap header there. Opening such a
-/// disk is refused with a clear overlap error (the harness had assumed any locator text keeps
-/// the disk openable); nothing panics.
+/// locator's data sat right after the BAT, read as a batmap header there. Files are now laid out
+/// as blktap lays them (the batmap after the BAT, locators after it), so the same finding is a
+/// locator whose data lies on the batmap header: opening such a disk is refused with a clear
+/// overlap error naming the batmap; nothing panics.
 #[test]
 fn fuzz_regression_locator_text_that_looks_like_a_batmap_header_is_a_clear_error() {
     let base = mem_dynamic(64 * 1024);
     let child = mem_child(&base, "b");
     let d = Disk::from_io(child.clone(), "c", false).unwrap();
-    let loc = d
-        .header()
-        .unwrap()
-        .locators
-        .iter()
-        .find(|l| l.data_len > 0)
-        .cloned()
-        .unwrap();
-    child.write_at(b"tdbatmap", loc.data_offset).unwrap();
-    let e = Disk::from_io(child, "c", false).expect_err("a batmap cookie over the locator");
+    let bm_header = d.header().unwrap().table_offset + 512;
+    assert_eq!(d.batmap().unwrap().offset, bm_header + 512);
+    let mut b = child.to_bytes();
+    let h = 512 + 576;
+    b[h + 16..h + 24].copy_from_slice(&bm_header.to_be_bytes());
+    let c = format::checksum(&b[512..1536], 36);
+    b[512 + 36..512 + 40].copy_from_slice(&c.to_be_bytes());
+    let e = Disk::from_io(Arc::new(MemFile::from_bytes(b)), "c", false)
+        .expect_err("a locator over the batmap header");
     assert!(e.to_string().contains("batmap"), "unexpected error: {e}");
 }
 

@@ -309,3 +309,27 @@ fn the_rate_limit_slows_the_copy_to_the_given_rate() {
     drop(pd);
     assert_eq!(read_all(&chain(&[base], false)), view);
 }
+
+#[test]
+fn coalesce_keeps_the_parents_batmap_true() {
+    // base <- mid <- top: top wholly writes block 2 (which mid lacks) and part of block 5.
+    let base = mem_base();
+    let mid = mem_child(&base);
+    let top = mem_child(&mid);
+    {
+        let c = chain(&[top.clone(), mid.clone(), base.clone()], true);
+        c.write_at(&pattern(1, BS as usize), 2 * BS as u64).unwrap();
+        c.write_at(&pattern(2, 4096), 5 * BS as u64).unwrap();
+        c.flush().unwrap();
+    }
+    let d = tempfile::tempdir().unwrap();
+    let cdisk = Disk::from_io(top, "top", false).unwrap();
+    let pdisk = Disk::from_io(mid.clone(), "mid", true).unwrap();
+    let o = CoalesceOptions::new(d.path());
+    coalesce_disks(&cdisk, &pdisk, &d.path().join("j"), &o, None, &mut |_| {}).unwrap();
+    assert!(pdisk.batmap_bit(2), "a block the merge wrote wholly");
+    assert!(!pdisk.batmap_bit(5), "a block the merge wrote in part");
+    drop(pdisk);
+    let r = crate::check_io(mid, "mid");
+    assert!(r.is_ok(), "{:?}", r.problems);
+}
