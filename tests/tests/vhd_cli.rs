@@ -313,3 +313,122 @@ fn coalesce_merges_a_child_into_its_parent_and_bench_runs() {
         "50",
     ]);
 }
+
+/// Runs `ddstor args`, killing it (and failing) if it has not exited within 10 s: a tool that
+/// blocks on a FIFO must not hang the test run.
+fn run_guarded(args: &[&str]) -> Output {
+    let mut child = Command::new(bin("ddstor"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn ddstor");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("ddstor {args:?} hung");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+fn fails_guarded(args: &[&str]) -> String {
+    let out = run_guarded(args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "ddstor {args:?} succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!err.contains("panicked"), "ddstor {args:?} panicked: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("ddstor:")).collect();
+    assert_eq!(lines.len(), 1, "want one error line, got: {err}");
+    lines[0].to_string()
+}
+
+#[test]
+fn check_refuses_a_directory() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("dir.vhd");
+    std::fs::create_dir(&dir).unwrap();
+    let e = fails(&["vhd", "check", s(&dir)]);
+    assert!(e.contains("is a directory, not a regular file"), "{e}");
+    let e = fails(&["vhd", "info", s(&dir)]);
+    assert!(e.contains("not a regular file"), "{e}");
+}
+
+#[test]
+fn check_info_and_map_refuse_a_fifo_without_hanging() {
+    let d = tempfile::tempdir().unwrap();
+    let fifo = d.path().join("pipe.vhd");
+    let st = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(st.success());
+    for sub in ["check", "info", "map"] {
+        let e = fails_guarded(&["vhd", sub, s(&fifo)]);
+        assert!(e.contains("is a FIFO, not a regular file"), "{sub}: {e}");
+    }
+}
+
+#[test]
+fn check_reports_a_disk_that_is_its_own_parent() {
+    let d = tempfile::tempdir().unwrap();
+    let base = disk_with_data(d.path(), "base.vhd");
+    let c = d.path().join("c.vhd");
+    ok(&["vhd", "snapshot", s(&base), s(&c)]);
+    vhd::set_parent(&c, &c).unwrap();
+    let out = run_guarded(&["vhd", "check", s(&c)]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("is its own parent"), "{text}");
+}
+
+#[test]
+fn check_reports_a_two_disk_parent_cycle() {
+    let d = tempfile::tempdir().unwrap();
+    let base = disk_with_data(d.path(), "base.vhd");
+    let a = d.path().join("a.vhd");
+    ok(&["vhd", "snapshot", s(&base), s(&a)]);
+    let b = d.path().join("b.vhd");
+    ok(&["vhd", "snapshot", s(&a), s(&b)]);
+    vhd::set_parent(&a, &b).unwrap();
+    for f in [&a, &b] {
+        let out = run_guarded(&["vhd", "check", s(f)]);
+        assert!(!out.status.success(), "{}", f.display());
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("parent cycle") && text.contains("ancestor of itself"),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn check_and_map_refuse_a_symlink_leading_outside_the_root_with_the_same_error() {
+    let d = tempfile::tempdir().unwrap();
+    let sr = d.path().join("sr");
+    std::fs::create_dir(&sr).unwrap();
+    let outside = disk_with_data(d.path(), "outside.vhd");
+    let link = sr.join("link.vhd");
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+    let from_check = fails(&["vhd", "check", s(&link)]);
+    let from_map = fails(&["vhd", "map", s(&link)]);
+    assert!(from_check.contains("outside the root"), "{from_check}");
+    assert!(from_map.contains("outside the root"), "{from_map}");
+    // The same reason, whatever context each verb puts before it.
+    let reason = |e: &str| {
+        let at = e
+            .find(&format!("{}: parent locator", s(&link)))
+            .expect("the error names the link");
+        e[at..].to_string()
+    };
+    assert!(
+        reason(&from_check).contains("(the leaf itself)"),
+        "{from_check}"
+    );
+    assert_eq!(reason(&from_check), reason(&from_map));
+}

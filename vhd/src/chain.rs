@@ -125,24 +125,7 @@ pub enum PieceSource {
 impl Chain {
     /// Opens the chain whose leaf is `leaf`, following parent locators inside `opts.root`.
     pub fn open(leaf: &Path, opts: &ChainOptions) -> Result<Chain> {
-        let root = opts.root.canonicalize().map_err(|e| {
-            Error::io(
-                &opts.root.display().to_string(),
-                "resolving the root directory",
-                e,
-            )
-        })?;
-        let leaf_c = leaf
-            .canonicalize()
-            .map_err(|e| Error::io(&leaf.display().to_string(), "resolving the path", e))?;
-        if !leaf_c.starts_with(&root) {
-            return Err(Error::OutsideRoot {
-                child: leaf.to_path_buf(),
-                locator: "(the leaf itself)".into(),
-                resolved: leaf_c,
-                root,
-            });
-        }
+        let (leaf_c, root) = confine_leaf(leaf, &opts.root)?;
         let mut layers = Vec::new();
         let mut paths = Vec::new();
         let mut seen = HashSet::new();
@@ -525,6 +508,30 @@ impl Chain {
     pub fn flush(&self) -> Result<()> {
         self.layers[0].flush()
     }
+}
+
+/// Resolves `leaf` and `root` (symlinks followed) and refuses a leaf that lies outside the
+/// root, as every tool that opens a chain or checks a file does. Returns both canonical paths.
+pub fn confine_leaf(leaf: &Path, root: &Path) -> Result<(PathBuf, PathBuf)> {
+    let root = root.canonicalize().map_err(|e| {
+        Error::io(
+            &root.display().to_string(),
+            "resolving the root directory",
+            e,
+        )
+    })?;
+    let leaf_c = leaf
+        .canonicalize()
+        .map_err(|e| Error::io(&leaf.display().to_string(), "resolving the path", e))?;
+    if !leaf_c.starts_with(&root) {
+        return Err(Error::OutsideRoot {
+            child: leaf.to_path_buf(),
+            locator: "(the leaf itself)".into(),
+            resolved: leaf_c,
+            root,
+        });
+    }
+    Ok((leaf_c, root))
 }
 
 /// Finds the parent of differencing disk `disk` (at canonical `child`) from its locators and

@@ -1,7 +1,7 @@
 //! `check`: validates every structure of a VHD file and reports each problem found (it does
 //! not stop at the first, unlike [`Disk::open`]).
 
-use crate::chain::resolve_parent;
+use crate::chain::{confine_leaf, resolve_parent, DEFAULT_MAX_DEPTH};
 use crate::disk::Disk;
 use crate::error::{Error, Result};
 use crate::format::*;
@@ -60,7 +60,8 @@ impl CheckReport {
     }
 }
 
-/// Checks the VHD at `path`, resolving a differencing disk's parent inside its own directory.
+/// Checks the VHD at `path`, resolving a differencing disk's ancestors inside its own
+/// directory (see [`check_with_root`]).
 pub fn check(path: &Path) -> Result<CheckReport> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -69,47 +70,87 @@ pub fn check(path: &Path) -> Result<CheckReport> {
     check_with_root(path, &dir)
 }
 
-/// Checks the VHD at `path`; a differencing disk's parent must resolve inside `root`.
+/// Checks the VHD at `path`, which must be a regular file inside `root` (symlinks followed,
+/// refused with the same error [`crate::Chain::open`] gives); a differencing disk's ancestors must
+/// resolve inside `root` too, each with the uuid its child records, without a cycle (a disk
+/// that is its own parent, or any longer loop) and no deeper than [`DEFAULT_MAX_DEPTH`].
 pub fn check_with_root(path: &Path, root: &Path) -> Result<CheckReport> {
+    let (canon, root) = confine_leaf(path, root)?;
     let name = path.display().to_string();
-    let f =
-        std::fs::File::open(path).map_err(|e| crate::Error::io(&name, "opening for check", e))?;
-    let io: Arc<dyn BlockIo> = Arc::new(f);
+    let io: Arc<dyn BlockIo> = Arc::new(crate::io::open_regular(path, false)?);
     let mut report = check_io(io.clone(), &name);
-    if report.is_ok() && report.disk_type.as_deref() == Some("differencing") {
-        let p = |what: String| Problem { offset: None, what };
-        match (path.canonicalize(), root.canonicalize()) {
-            (Ok(child), Ok(root)) => match Disk::from_io(io, &name, false) {
-                Ok(d) => match resolve_parent(&d, &child, &root) {
-                    Ok(parent) => match Disk::open(&parent, false) {
-                        Ok(pd) => {
-                            let want = d.header().map(|h| h.parent_uuid).unwrap_or_default();
-                            if pd.uuid() != want {
-                                report.problems.push(p(format!(
-                                    "parent {} has uuid {}, but the header expects {want}",
-                                    parent.display(),
-                                    pd.uuid()
-                                )));
-                            }
-                            if pd.virtual_size() < d.virtual_size()
-                                && pd.disk_type() == DiskType::Fixed
-                            {
-                                report.problems.push(p(format!(
-                                    "parent {} is smaller than the child",
-                                    parent.display()
-                                )));
-                            }
-                        }
-                        Err(e) => report
-                            .problems
-                            .push(p(format!("parent {} does not open: {e}", parent.display()))),
-                    },
-                    Err(e) => report.problems.push(p(format!("parent link: {e}"))),
-                },
-                Err(e) => report.problems.push(p(e.to_string())),
-            },
-            (Err(e), _) | (_, Err(e)) => report.problems.push(p(format!("resolving paths: {e}"))),
+    if !report.is_ok() || report.disk_type.as_deref() != Some("differencing") {
+        return Ok(report);
+    }
+    let p = |what: String| Problem { offset: None, what };
+    // Walk the ancestors: each link resolves inside the root, names the uuid its child
+    // expects, and leads to a disk not seen before.
+    let mut seen = vec![canon.clone()];
+    let mut cur = match Disk::from_io(io, &name, false) {
+        Ok(d) => d,
+        Err(e) => {
+            report.problems.push(Problem::from_error(&e));
+            return Ok(report);
         }
+    };
+    let mut cur_path = canon;
+    while cur.disk_type() == DiskType::Differencing {
+        if seen.len() > DEFAULT_MAX_DEPTH {
+            report.problems.push(p(format!(
+                "the chain is deeper than the limit of {DEFAULT_MAX_DEPTH} layers"
+            )));
+            break;
+        }
+        let parent = match resolve_parent(&cur, &cur_path, &root) {
+            Ok(pp) => pp,
+            Err(e) => {
+                report
+                    .problems
+                    .push(p(format!("parent link of {}: {e}", cur.name())));
+                break;
+            }
+        };
+        if let Some(i) = seen.iter().position(|s| *s == parent) {
+            report.problems.push(p(if i + 1 == seen.len() {
+                format!("parent cycle: {} is its own parent", parent.display())
+            } else {
+                format!(
+                    "parent cycle: {} is an ancestor of itself ({} links)",
+                    parent.display(),
+                    seen.len() - i
+                )
+            }));
+            break;
+        }
+        let pd = match Disk::open(&parent, false) {
+            Ok(d) => d,
+            Err(e) => {
+                report
+                    .problems
+                    .push(p(format!("parent {} does not open: {e}", parent.display())));
+                break;
+            }
+        };
+        let want = cur.header().map(|h| h.parent_uuid).unwrap_or_default();
+        if pd.uuid() != want {
+            report.problems.push(p(format!(
+                "parent {} has uuid {}, but {} expects {want}",
+                parent.display(),
+                pd.uuid(),
+                cur.name()
+            )));
+            break;
+        }
+        if pd.virtual_size() < cur.virtual_size() && pd.disk_type() == DiskType::Fixed {
+            report.problems.push(p(format!(
+                "parent {} is smaller than its child {}",
+                parent.display(),
+                cur.name()
+            )));
+        }
+        seen.push(parent.clone());
+        cur = pd;
+        cur_path = parent;
     }
     Ok(report)
 }

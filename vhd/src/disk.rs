@@ -23,7 +23,6 @@ use crate::format::*;
 use crate::io::BlockIo;
 use crate::scan::{scan, FailFast, Layout};
 use std::collections::HashMap;
-use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -149,11 +148,7 @@ impl Disk {
     /// Opens the VHD at `path`, read-write when `writable`.
     pub fn open(path: &Path, writable: bool) -> Result<Disk> {
         let name = path.display().to_string();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .open(path)
-            .map_err(|e| Error::io(&name, "opening", e))?;
+        let file = crate::io::open_regular(path, writable)?;
         let mut d = Disk::from_io(Arc::new(file), &name, writable)?;
         d.path = Some(path.to_path_buf());
         Ok(d)

@@ -94,6 +94,14 @@ pub enum Error {
         /// Uuid in that file's footer.
         found: uuid::Uuid,
     },
+    /// The path names something other than a regular file (a directory, a FIFO, a device…).
+    #[error("{path}: is a {kind}, not a regular file: a VHD is a regular file")]
+    NotRegular {
+        /// The path.
+        path: PathBuf,
+        /// What it is (`directory`, `FIFO`, `socket`, `block device`, `character device`).
+        kind: &'static str,
+    },
     /// The chain loops back onto one of its own members.
     #[error("chain cycle: {0} appears twice")]
     Cycle(PathBuf),

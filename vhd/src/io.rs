@@ -105,6 +105,50 @@ fn read_nowait(_f: &File, _buf: &mut [u8], _offset: u64) -> io::Result<bool> {
     Ok(false)
 }
 
+/// Opens the VHD file at `path` (read-write when `writable`) without blocking and only if it
+/// is a regular file: a FIFO would otherwise block the open (and every read) until a writer
+/// came, and a directory or device is no VHD. `O_NONBLOCK` has no effect on a regular file's
+/// reads and writes.
+pub fn open_regular(path: &std::path::Path, writable: bool) -> crate::Result<File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let name = path.display().to_string();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::EISDIR) => crate::Error::NotRegular {
+                path: path.to_path_buf(),
+                kind: "directory",
+            },
+            _ => crate::Error::io(&name, "opening", e),
+        })?;
+    let t = f
+        .metadata()
+        .map_err(|e| crate::Error::io(&name, "reading the file type", e))?
+        .file_type();
+    let kind = if t.is_file() {
+        return Ok(f);
+    } else if t.is_dir() {
+        "directory"
+    } else if t.is_fifo() {
+        "FIFO"
+    } else if t.is_socket() {
+        "socket"
+    } else if t.is_block_device() {
+        "block device"
+    } else if t.is_char_device() {
+        "character device"
+    } else {
+        "special file"
+    };
+    Err(crate::Error::NotRegular {
+        path: path.to_path_buf(),
+        kind,
+    })
+}
+
 /// An in-memory file for tests and fuzzing. Cloning is not shared: wrap it in an `Arc` to share.
 #[derive(Debug, Default)]
 pub struct MemFile {

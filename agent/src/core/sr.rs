@@ -315,7 +315,6 @@ impl Sr {
         for name in list_nodes(&self.root)? {
             match self.format.inspect(&self.node(&name)) {
                 Ok(info) => {
-                    index.insert(&name, info.parent.clone(), info.hidden);
                     infos.insert(name, info);
                 }
                 Err(e) => {
@@ -323,6 +322,20 @@ impl Sr {
                     report.unreadable.push(name);
                 }
             }
+        }
+        // A node whose parent chain loops (a node that is its own parent, or a longer cycle)
+        // can never be opened: it is unreadable, not a VDI or a base.
+        for name in looping_nodes(&infos) {
+            tracing::warn!(
+                sr = self.uuid,
+                node = name,
+                "node whose parent chain loops back onto itself left alone"
+            );
+            infos.remove(&name);
+            report.unreadable.push(name);
+        }
+        for (name, info) in &infos {
+            index.insert(name, info.parent.clone(), info.hidden);
         }
         // Hidden bases no one depends on any more (their last child was destroyed, possibly by an
         // interrupted destroy) are deleted; never while an unreadable node might be a child.
@@ -830,4 +843,24 @@ pub fn new_record(uuid: &str, virtual_size: u64) -> VdiRecord {
         epoch: None,
         datapaths: BTreeMap::new(),
     }
+}
+
+/// The nodes whose chain of parents, followed through `infos`, comes back to a node already on
+/// it (the cycle itself and every node above one).
+fn looping_nodes(infos: &BTreeMap<String, crate::differencing::NodeInfo>) -> Vec<String> {
+    infos
+        .keys()
+        .filter(|start| {
+            let mut seen = std::collections::HashSet::new();
+            let mut cur = Some(start.as_str());
+            while let Some(n) = cur {
+                if !seen.insert(n) {
+                    return true;
+                }
+                cur = infos.get(n).and_then(|i| i.parent.as_deref());
+            }
+            false
+        })
+        .cloned()
+        .collect()
 }

@@ -176,3 +176,46 @@ async fn a_crash_at_any_destroy_step_keeps_the_snapshot_data_in_real_vhds() {
         assert!(list_nodes(&root).unwrap().is_empty(), "{fp}");
     }
 }
+
+#[tokio::test]
+async fn attach_does_not_adopt_a_node_whose_parent_chain_loops() {
+    let Fixture {
+        dir: _dir,
+        st,
+        root,
+    } = Fixture::vhd().await;
+    st.sr_detach(SR).await.unwrap();
+    let node = |u: &str| root.join(format!("{u}.vhd"));
+    let (own, a, b) = (
+        "aaaaaaaa-0000-0000-0000-000000000001",
+        "aaaaaaaa-0000-0000-0000-000000000002",
+        "aaaaaaaa-0000-0000-0000-000000000003",
+    );
+    let base = "aaaaaaaa-0000-0000-0000-0000000000ba";
+    vhd::create_dynamic(&node(base), 8 << 20, &Default::default()).unwrap();
+    for c in [own, a] {
+        vhd::create_differencing(&node(c), &node(base), &Default::default()).unwrap();
+    }
+    vhd::create_differencing(&node(b), &node(a), &Default::default()).unwrap();
+    // `own` is its own parent; a and b are each other's.
+    vhd::set_parent(&node(own), &node(own)).unwrap();
+    vhd::set_parent(&node(a), &node(b)).unwrap();
+    let rep = st.sr_attach(SR, &BTreeMap::new()).await.unwrap();
+    let mut unreadable = rep.unreadable.clone();
+    unreadable.sort();
+    assert_eq!(
+        unreadable,
+        vec![own.to_string(), a.to_string(), b.to_string()],
+        "{rep:?}"
+    );
+    assert_eq!(rep.adopted, vec![base.to_string()], "{rep:?}");
+    for u in [own, a, b] {
+        assert!(
+            matches!(st.vdi_stat(SR, u).await, Err(Error::VdiDoesNotExist(_))),
+            "{u} adopted"
+        );
+        assert!(node(u).exists(), "{u} left alone");
+    }
+    let diag = st.diagnostics().await;
+    assert!(diag.contains(own) && diag.contains(a), "{diag}");
+}
