@@ -77,9 +77,6 @@ pub struct Chain {
     writable: bool,
 }
 
-/// Where a run of sectors of a block comes from.
-type Run = (u32, u32, Option<usize>);
-
 /// One piece of a [`Chain::read_plan`]: `len` bytes that are zeros, or that lie contiguously
 /// in one layer's file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -290,35 +287,8 @@ impl Chain {
         )
     }
 
-    /// Resolves sectors `s0..s1` of block `b` into runs of one source each.
-    fn resolve(&self, b: u64, s0: u32, s1: u32) -> Result<Vec<Run>> {
-        Ok(self.resolve_with(b, s0, s1, false)?.unwrap_or_default())
-    }
-
-    /// [`Chain::resolve`]; with `nowait`, from cached bitmaps only (`None` if one is not cached).
-    fn resolve_with(&self, b: u64, s0: u32, s1: u32, nowait: bool) -> Result<Option<Vec<Run>>> {
-        let mut bms: Vec<(usize, Arc<Bitmap>)> = Vec::new();
-        for l in self.sources(b) {
-            let presence = if nowait {
-                match self.layers[l].cached_presence(b) {
-                    Some(p) => p,
-                    None => return Ok(None),
-                }
-            } else {
-                self.layers[l].presence(b)?
-            };
-            if let Some(bm) = presence {
-                let full = bm.is_full();
-                bms.push((l, bm));
-                if full {
-                    break;
-                }
-            }
-        }
-        Ok(Some(runs_of(&bms, s0, s1)))
-    }
-
-    /// Reads `buf.len()` bytes at `offset` through the chain. Any alignment.
+    /// Reads `buf.len()` bytes at `offset` through the chain. Any alignment. Executes the
+    /// [`Chain::read_plan`] of the range, piece by piece, without building it.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.read_with(buf, offset, false).map(|_| ())
     }
@@ -326,102 +296,152 @@ impl Chain {
     /// Like [`Chain::read_at`] but only when it needs no waiting for a device: every bitmap
     /// involved is cached and the data is in the page cache. `Ok(false)` means nothing useful
     /// was done (`buf` may be partly written) and the caller should use [`Chain::read_at`] on a
-    /// thread that may block. Lets a server answer cached reads on its event loop.
+    /// thread that may block. Lets a server answer cached reads on its event loop; allocates
+    /// nothing.
     pub fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
         self.read_with(buf, offset, true)
     }
 
-    /// [`Chain::read_at`] (`nowait` false: always `Ok(true)`) or [`Chain::try_read_at`].
+    /// [`Chain::read_at`] (`nowait` false: always `Ok(true)`) or [`Chain::try_read_at`]: the
+    /// plan's pieces, each read from its layer's file or zero-filled.
     fn read_with(&self, buf: &mut [u8], offset: u64, nowait: bool) -> Result<bool> {
-        self.check_range(offset, buf.len() as u64)?;
-        let bs = self.block_size;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let b = pos / bs;
-            let in_block = pos % bs;
-            let n = ((bs - in_block) as usize).min(buf.len() - done);
-            if !self.read_block(b, in_block, &mut buf[done..done + n], nowait)? {
-                return Ok(false);
-            }
-            done += n;
-        }
-        Ok(true)
-    }
-
-    fn read_block(&self, b: u64, in_block: u64, out: &mut [u8], nowait: bool) -> Result<bool> {
-        let s0 = (in_block / SECTOR) as u32;
-        let s1 = (in_block + out.len() as u64).div_ceil(SECTOR) as u32;
-        let end = in_block + out.len() as u64;
-        let Some(runs) = self.resolve_with(b, s0, s1, nowait)? else {
-            return Ok(false);
-        };
-        for (rs, re, src) in runs {
-            let a = (rs as u64 * SECTOR).max(in_block);
-            let z = (re as u64 * SECTOR).min(end);
-            let dst = &mut out[(a - in_block) as usize..(z - in_block) as usize];
-            match src {
-                Some(l) if nowait => {
-                    if !self.layers[l].try_read_data(b, a, dst)? {
-                        return Ok(false);
-                    }
+        let mut at = 0usize;
+        self.walk(offset, buf.len() as u64, nowait, |p| {
+            let dst = &mut buf[at..at + p.len as usize];
+            at += dst.len();
+            match p.source {
+                PieceSource::Zero => {
+                    dst.fill(0);
+                    Ok(true)
                 }
-                Some(l) => self.layers[l].read_data(b, a, dst)?,
-                None => dst.fill(0),
+                PieceSource::File { layer, file_offset } => {
+                    self.layers[layer].read_file(dst, file_offset, nowait)
+                }
             }
-        }
-        Ok(true)
+        })
     }
 
     /// Where the `len` bytes at `offset` are, without reading them: pieces in disk order, each
     /// zeros or a contiguous byte range of one layer's file, adjacent ones merged. Lets a
     /// server send file data without copying it (splice/sendfile from the layer's file). Reads
-    /// sector bitmaps that are not cached yet, so it may block.
+    /// sector bitmaps that are not cached yet, so it may block. [`Chain::read_at`] executes
+    /// the same plan.
     pub fn read_plan(&self, offset: u64, len: u64) -> Result<Vec<ReadPiece>> {
-        let mut out: Vec<ReadPiece> = Vec::new();
-        self.for_each_run(offset, len, |b, a, z, src| {
-            let source = match src {
-                Some(layer) => PieceSource::File {
-                    layer,
-                    file_offset: self.layers[layer].data_offset(b)? + a % self.block_size,
-                },
-                None => PieceSource::Zero,
-            };
-            match out.last_mut() {
-                Some(l) if l.continued_by(source) => l.len += z - a,
-                _ => out.push(ReadPiece { len: z - a, source }),
-            }
-            Ok(())
+        let mut out = Vec::new();
+        self.walk(offset, len, false, |p| {
+            out.push(p);
+            Ok(true)
         })?;
         Ok(out)
     }
 
-    /// Calls `f(block, start, end, source)` for each run of bytes `[start, end)` of
-    /// `[offset, offset+len)` that one source holds (`Some(layer)`, or `None`: zeros), in order.
-    fn for_each_run(
+    /// The plan of `[offset, offset+len)`: calls `f` with each piece in order, adjacent pieces
+    /// merged (zeros after zeros, the next bytes of the same file). `f` returning `Ok(false)`
+    /// stops the walk, which then returns `Ok(false)`; so does `nowait` when a bitmap the plan
+    /// needs is not cached. Allocates nothing (unless more than [`INLINE_PARTIAL`] layers hold
+    /// parts of one block).
+    fn walk(
         &self,
         offset: u64,
         len: u64,
-        mut f: impl FnMut(u64, u64, u64, Option<usize>) -> Result<()>,
-    ) -> Result<()> {
+        nowait: bool,
+        mut f: impl FnMut(ReadPiece) -> Result<bool>,
+    ) -> Result<bool> {
         self.check_range(offset, len)?;
         let bs = self.block_size;
         let end = offset + len;
         let mut pos = offset;
+        let mut cur: Option<ReadPiece> = None;
         while pos < end {
             let b = pos / bs;
-            let in_block = pos % bs;
-            let bend = (b * bs + bs).min(end);
-            let s0 = (in_block / SECTOR) as u32;
-            let s1 = (bend - b * bs).div_ceil(SECTOR) as u32;
-            for (rs, re, src) in self.resolve(b, s0, s1)? {
-                let a = (b * bs + rs as u64 * SECTOR).max(pos);
-                let z = (b * bs + re as u64 * SECTOR).min(bend);
-                f(b, a, z, src)?;
+            let block_start = b * bs;
+            let bend = (block_start + bs).min(end);
+            let s0 = ((pos - block_start) / SECTOR) as u32;
+            let s1 = (bend - block_start).div_ceil(SECTOR) as u32;
+            let done = self.block_runs(b, s0, s1, nowait, |rs, re, src| {
+                let a = (block_start + rs as u64 * SECTOR).max(pos);
+                let z = (block_start + re as u64 * SECTOR).min(bend);
+                let source = match src {
+                    Some(layer) => PieceSource::File {
+                        layer,
+                        file_offset: self.layers[layer].data_offset(b)? + (a - block_start),
+                    },
+                    None => PieceSource::Zero,
+                };
+                match &mut cur {
+                    Some(c) if c.continued_by(source) => c.len += z - a,
+                    _ => {
+                        if let Some(prev) = cur.replace(ReadPiece { len: z - a, source }) {
+                            return f(prev);
+                        }
+                    }
+                }
+                Ok(true)
+            })?;
+            if !done {
+                return Ok(false);
             }
             pos = bend;
         }
-        Ok(())
+        match cur {
+            Some(last) => f(last),
+            None => Ok(true),
+        }
+    }
+
+    /// Calls `f(first, end, source)` for each run of sectors `s0..s1` of block `b` that one
+    /// source holds (`Some(layer)`, or `None`: zeros), in order. `Ok(false)` when `f` stopped
+    /// or (`nowait`) a bitmap is not cached.
+    fn block_runs(
+        &self,
+        b: u64,
+        s0: u32,
+        s1: u32,
+        nowait: bool,
+        mut f: impl FnMut(u32, u32, Option<usize>) -> Result<bool>,
+    ) -> Result<bool> {
+        // The bitmaps of the layers that hold parts of the block, nearest first, up to the
+        // first that holds all of it.
+        let mut partial = Partial::default();
+        let mut whole = None;
+        for l in self.sources(b) {
+            let presence = if nowait {
+                match self.layers[l].cached_presence(b) {
+                    Some(p) => p,
+                    None => return Ok(false),
+                }
+            } else {
+                self.layers[l].presence(b)?
+            };
+            if let Some(bm) = presence {
+                if bm.is_full() {
+                    whole = Some(l);
+                    break;
+                }
+                partial.push(l, bm);
+            }
+        }
+        if partial.is_empty() {
+            return f(s0, s1, whole);
+        }
+        let mut run: Option<(u32, Option<usize>)> = None;
+        for s in s0..s1 {
+            let src = partial.holder(s).or(whole);
+            match run {
+                Some((_, r)) if r == src => {}
+                Some((start, r)) => {
+                    if !f(start, s, r)? {
+                        return Ok(false);
+                    }
+                    run = Some((s, src));
+                }
+                None => run = Some((s, src)),
+            }
+        }
+        match run {
+            Some((start, r)) => f(start, s1, r),
+            None => Ok(true),
+        }
     }
 
     /// Writes `buf` at `offset` into the leaf, allocating blocks as needed. Unaligned edges
@@ -483,23 +503,26 @@ impl Chain {
     }
 
     /// Allocation map of `len` bytes at `offset`: runs of data (with the layer that holds
-    /// them) and of zeros (allocated nowhere). Adjacent runs with one state are merged.
+    /// them) and of zeros (allocated nowhere), from the same plan reads execute. Adjacent runs
+    /// with one state are merged.
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         let mut out: Vec<Extent> = Vec::new();
-        self.for_each_run(offset, len, |_, a, z, src| {
-            let state = match src {
-                Some(layer) => ExtentState::Data { layer },
-                None => ExtentState::Zero,
+        let mut pos = offset;
+        self.walk(offset, len, false, |p| {
+            let state = match p.source {
+                PieceSource::File { layer, .. } => ExtentState::Data { layer },
+                PieceSource::Zero => ExtentState::Zero,
             };
             match out.last_mut() {
-                Some(l) if l.state == state && l.offset + l.length == a => l.length += z - a,
+                Some(l) if l.state == state => l.length += p.len,
                 _ => out.push(Extent {
-                    offset: a,
-                    length: z - a,
+                    offset: pos,
+                    length: p.len,
                     state,
                 }),
             }
-            Ok(())
+            pos += p.len;
+            Ok(true)
         })?;
         Ok(out)
     }
@@ -595,22 +618,37 @@ pub fn resolve_parent(disk: &Disk, child: &Path, root: &Path) -> Result<PathBuf>
     })
 }
 
-/// Runs of one source each for sectors `s0..s1`, given the presence bitmaps of the layers
-/// holding the block, nearest first.
-fn runs_of(bms: &[(usize, Arc<Bitmap>)], s0: u32, s1: u32) -> Vec<Run> {
-    if bms.is_empty() {
-        return vec![(s0, s1, None)];
-    }
-    if bms[0].1.is_full() {
-        return vec![(s0, s1, Some(bms[0].0))];
-    }
-    let mut runs: Vec<Run> = Vec::new();
-    for s in s0..s1 {
-        let src = bms.iter().find(|(_, bm)| bm.get(s)).map(|(l, _)| *l);
-        match runs.last_mut() {
-            Some(r) if r.2 == src && r.1 == s => r.1 = s + 1,
-            _ => runs.push((s, s + 1, src)),
+/// Layers held inline by [`Partial`] before it spills to the heap.
+const INLINE_PARTIAL: usize = 4;
+
+/// The bitmaps of the layers holding parts of one block, nearest first: inline for the usual
+/// few, on the heap beyond [`INLINE_PARTIAL`].
+#[derive(Default)]
+struct Partial {
+    inline: [Option<(usize, Arc<Bitmap>)>; INLINE_PARTIAL],
+    n: usize,
+    spill: Vec<(usize, Arc<Bitmap>)>,
+}
+
+impl Partial {
+    fn push(&mut self, layer: usize, bm: Arc<Bitmap>) {
+        if self.n < INLINE_PARTIAL {
+            self.inline[self.n] = Some((layer, bm));
+            self.n += 1;
+        } else {
+            self.spill.push((layer, bm));
         }
     }
-    runs
+    fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+    /// The nearest layer whose bitmap holds sector `s`.
+    fn holder(&self, s: u32) -> Option<usize> {
+        self.inline[..self.n]
+            .iter()
+            .flatten()
+            .chain(self.spill.iter())
+            .find(|(_, bm)| bm.get(s))
+            .map(|(l, _)| *l)
+    }
 }

@@ -454,6 +454,23 @@ impl Disk {
         })
     }
 
+    /// Fills `buf` from byte `offset` of the file (a piece of a [`crate::Chain::read_plan`]);
+    /// with `nowait`, only if that needs no waiting for a device (`Ok(false)`: it would).
+    pub(crate) fn read_file(&self, buf: &mut [u8], offset: u64, nowait: bool) -> Result<bool> {
+        let r = if nowait {
+            self.io.try_read_at(buf, offset)
+        } else {
+            self.io.read_at(buf, offset).map(|()| true)
+        };
+        r.map_err(|e| {
+            Error::io(
+                &self.name,
+                format!("reading {} bytes at offset {offset}", buf.len()),
+                e,
+            )
+        })
+    }
+
     /// Byte offset in the file of block `b`'s data (after its bitmap). The block must be
     /// allocated.
     pub(crate) fn data_offset(&self, b: u64) -> Result<u64> {

@@ -238,12 +238,18 @@ fn chain_refuses_a_parent_with_the_wrong_uuid() {
 }
 
 /// A BlockIo that fails every write after the first `limit` — a crash at that point (also
-/// used by the coalesce tests).
+/// used by the coalesce tests) — and records the byte range of every write and each sync
+/// ([`SYNC`]) in order.
+#[derive(Default)]
 pub(crate) struct CrashIo {
     pub(crate) inner: MemFile,
     pub(crate) writes: AtomicUsize,
     pub(crate) limit: usize,
+    pub(crate) ops: std::sync::Mutex<Vec<(u64, u64)>>,
 }
+
+/// A sync in [`CrashIo::ops`].
+const SYNC: (u64, u64) = (u64::MAX, 0);
 
 impl BlockIo for CrashIo {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
@@ -253,9 +259,14 @@ impl BlockIo for CrashIo {
         if self.writes.fetch_add(1, Ordering::SeqCst) >= self.limit {
             return Err(std::io::Error::other("simulated crash"));
         }
+        self.ops
+            .lock()
+            .unwrap()
+            .push((offset, offset + buf.len() as u64));
         self.inner.write_at(buf, offset)
     }
     fn sync(&self) -> std::io::Result<()> {
+        self.ops.lock().unwrap().push(SYNC);
         Ok(())
     }
     fn len(&self) -> std::io::Result<u64> {
@@ -285,6 +296,7 @@ fn crash_at_any_write_leaves_a_readable_file_with_flushed_data_intact() {
                 inner: MemFile::from_bytes(template.to_bytes()),
                 writes: AtomicUsize::new(0),
                 limit: usize::MAX,
+                ..Default::default()
             });
             let mk = |io: Arc<CrashIo>| {
                 let mut layers = vec![Disk::from_io(io, "leaf", true).unwrap()];
@@ -301,6 +313,7 @@ fn crash_at_any_write_leaves_a_readable_file_with_flushed_data_intact() {
                 inner: MemFile::from_bytes(io.inner.to_bytes()),
                 writes: AtomicUsize::new(0),
                 limit,
+                ..Default::default()
             });
             let c2 = mk(io2.clone());
             let _ = c2.write_at(&later, 150_000);
@@ -701,39 +714,6 @@ fn batmap_bits_are_set_at_flush_for_wholly_written_blocks_only() {
     assert!(check_io(child, "child").is_ok());
 }
 
-/// Records the order of writes and syncs.
-#[derive(Default)]
-struct Recorder {
-    inner: MemFile,
-    ops: std::sync::Mutex<Vec<(u64, u64)>>,
-}
-
-/// A sync in [`Recorder::ops`].
-const SYNC: (u64, u64) = (u64::MAX, 0);
-
-impl BlockIo for Recorder {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.ops
-            .lock()
-            .unwrap()
-            .push((offset, offset + buf.len() as u64));
-        self.inner.write_at(buf, offset)
-    }
-    fn sync(&self) -> std::io::Result<()> {
-        self.ops.lock().unwrap().push(SYNC);
-        Ok(())
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.inner.set_len(len)
-    }
-}
-
 #[test]
 fn a_batmap_bit_reaches_the_file_only_after_the_sync_that_makes_its_block_durable() {
     for diff in [false, true] {
@@ -743,8 +723,9 @@ fn a_batmap_bit_reaches_the_file_only_after_the_sync_that_makes_its_block_durabl
         } else {
             base.clone()
         };
-        let rec = Arc::new(Recorder {
+        let rec = Arc::new(CrashIo {
             inner: MemFile::from_bytes(template.to_bytes()),
+            limit: usize::MAX,
             ..Default::default()
         });
         let mut layers = vec![Disk::from_io(rec.clone(), "rec", true).unwrap()];

@@ -1,6 +1,8 @@
 //! Whole files (footer, header, BAT, batmap, bitmaps): opening never panics; a file that opens
 //! can be read, mapped and checked; its read plan names exactly the bytes a read returns;
-//! writing into it keeps it openable and its data readable.
+//! writing into it keeps it openable and its data readable, and keeps a true batmap true (no
+//! set bit for a block that is not wholly written, and after the flush a bit for every block
+//! the write made whole).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use std::sync::Arc;
@@ -23,6 +25,18 @@ fn fix_checksums(b: &mut [u8]) {
     }
 }
 
+/// True when every set batmap bit of `d` names a wholly written block.
+fn batmap_true(d: &Disk) -> bool {
+    (0..d.bat_entries() as u64).all(|b| {
+        !d.batmap_bit(b) || d.presence(b).ok().flatten().is_some_and(|bm| bm.is_full())
+    })
+}
+
+/// True when the engine keeps this disk's batmap (a readable map of a version it writes).
+fn batmap_kept(d: &Disk) -> bool {
+    d.batmap().is_some_and(|h| h.version <= vhd::format::BATMAP_VERSION && h.offset % 512 == 0 && h.offset != 0 && (h.size_sectors as u64) << 12 >= d.bat_entries() as u64)
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((&flags, rest)) = data.split_first() else { return };
     let mut bytes = rest.to_vec();
@@ -35,6 +49,7 @@ fuzz_target!(|data: &[u8]| {
     if disk.disk_type() == vhd::DiskType::Differencing {
         return; // needs a parent; covered by the locators target
     }
+    let batmap_was_true = batmap_true(&disk);
     let Ok(chain) = Chain::from_layers(vec![disk], vec![], true) else { return };
     let size = chain.virtual_size();
     let span = size.min(1 << 20);
@@ -59,9 +74,20 @@ fuzz_target!(|data: &[u8]| {
     if size >= 1024 {
         let off = (flags as u64 * 512) % (size - 512);
         chain.write_at(&[0xA5; 1000], off.min(size - 1000)).expect("write into an opened disk");
+        chain.flush().expect("flush of an opened disk");
         drop(chain);
         let reopened = Disk::from_io(Arc::new(MemFile::from_bytes(mem.to_bytes())), "fuzz", false)
             .expect("a written disk reopens");
+        if batmap_was_true && reopened.batmap().is_some() {
+            assert!(batmap_true(&reopened), "a write made the batmap claim a partial block");
+            let first = off.min(size - 1000) / reopened.block_size();
+            for b in first..=(off.min(size - 1000) + 999) / reopened.block_size() {
+                let full = reopened.presence(b).ok().flatten().is_some_and(|bm| bm.is_full());
+                if full && batmap_kept(&reopened) {
+                    assert!(reopened.batmap_bit(b), "block {b} is whole after the flush but its batmap bit is clear");
+                }
+            }
+        }
         let c = Chain::from_layers(vec![reopened], vec![], false).unwrap();
         let mut b = vec![0u8; 1000];
         c.read_at(&mut b, off.min(size - 1000)).unwrap();

@@ -134,6 +134,7 @@ fn crash_at_every_parent_write_keeps_the_child_view_and_a_rerun_resumes_to_the_m
             inner: MemFile::from_bytes(base.to_bytes()),
             writes: AtomicUsize::new(0),
             limit,
+            ..Default::default()
         });
         let cd = Disk::from_io(child.clone(), "child", false).unwrap();
         let pd = Disk::from_io(io.clone(), "base", true).unwrap();
