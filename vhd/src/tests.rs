@@ -683,7 +683,6 @@ fn a_foreign_batmap_keeps_its_marker_and_key_hash_and_is_kept_true() {
     assert!(d.batmap_bit(0));
     let entry = d.bat_entry(0).unwrap() as u64 * 512;
     assert!(entry >= map_end, "block at {entry} overlaps metadata");
-    assert_eq!((entry + 512) % 4096, 0, "block data starts on a page");
     assert!(check_io(f, "f").is_ok());
 }
 

@@ -161,16 +161,40 @@ fn a_dynamic_disk_made_here_is_laid_out_as_vhd_util_lays_out_base_vhd() {
     // An empty disk ends with its footer right after the map.
     assert_eq!(empty.len() as u64, bm.offset + 512 + 512);
     // The same writes as the vector's (a whole first block, 4 KiB into the third) place the
-    // blocks where libvhd placed them: data on a page boundary after all metadata.
+    // blocks in the same order after all metadata. libvhd also starts each block's data on a
+    // 4 KiB boundary (gaps of up to 3.5 KiB); blocks here follow each other without gaps (see
+    // the vhd::disk documentation for why), which vhd-util accepts as well.
     let c = Chain::open(&ours, &ChainOptions::new(d.path()).writable(true)).unwrap();
     c.write_at(&vec![0x11; 2 << 20], 0).unwrap();
     c.write_at(&[0x22; 4096], 4_194_816).unwrap();
     c.flush().unwrap();
     drop(c);
     let written = read(&ours);
-    let bat = |b: &[u8]| b[1536..1536 + 16].to_vec();
-    assert_eq!(bat(&written), bat(&theirs));
-    assert_eq!(written.len(), theirs.len());
+    let bat = |b: &[u8]| -> Vec<u32> {
+        b[1536..1536 + 16]
+            .chunks(4)
+            .map(|c| u32::from_be_bytes(c.try_into().unwrap()))
+            .collect()
+    };
+    let (o, t) = (bat(&written), bat(&theirs));
+    let unused = format::BAT_UNUSED;
+    assert_eq!((o[1], o[3]), (unused, unused));
+    assert_eq!((t[1], t[3]), (unused, unused));
+    let meta_end = (bm.offset + 512) / 512;
+    assert_eq!(
+        o[0] as u64, meta_end,
+        "the first block right after the metadata"
+    );
+    assert!(
+        t[0] as u64 >= meta_end && t[0] as u64 - meta_end < 8,
+        "libvhd: within a page"
+    );
+    assert_eq!(
+        o[2],
+        o[0] + 1 + 4096,
+        "the next block right after the first"
+    );
+    assert!(t[2] >= t[0] + 1 + 4096 && t[2] - (t[0] + 1 + 4096) < 8);
     assert!(vhd::check(&ours).unwrap().is_ok());
 }
 
