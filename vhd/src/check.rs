@@ -27,7 +27,7 @@ impl Problem {
             Error::Corrupt { offset, .. } | Error::Checksum { offset, .. } => Some(*offset),
             _ => None,
         };
-        let text = e.to_string();
+        let text = e.full_text();
         let what = match e {
             Error::Io { file, .. } | Error::Corrupt { file, .. } | Error::Checksum { file, .. } => {
                 text.strip_prefix(&format!("{file}: "))
@@ -104,9 +104,11 @@ pub fn check_with_root(path: &Path, root: &Path) -> Result<CheckReport> {
         let parent = match resolve_parent(&cur, &cur_path, &root) {
             Ok(pp) => pp,
             Err(e) => {
-                report
-                    .problems
-                    .push(p(format!("parent link of {}: {e}", cur.name())));
+                report.problems.push(p(format!(
+                    "parent link of {}: {}",
+                    cur.name(),
+                    e.full_text()
+                )));
                 break;
             }
         };
@@ -125,9 +127,11 @@ pub fn check_with_root(path: &Path, root: &Path) -> Result<CheckReport> {
         let pd = match Disk::open(&parent, false) {
             Ok(d) => d,
             Err(e) => {
-                report
-                    .problems
-                    .push(p(format!("parent {} does not open: {e}", parent.display())));
+                report.problems.push(p(format!(
+                    "parent {} does not open: {}",
+                    parent.display(),
+                    e.full_text()
+                )));
                 break;
             }
         };

@@ -695,7 +695,7 @@ impl Drop for Disk {
             .is_some_and(|bm| !lock(&bm.state).pending.is_empty());
         if self.writable && pending {
             if let Err(e) = self.flush() {
-                tracing::warn!(file = %self.name, error = %e, "flushing the batmap on close failed; its bits stay clear");
+                tracing::warn!(file = %self.name, error = %e.full_text(), "flushing the batmap on close failed; its bits stay clear");
             }
         }
     }

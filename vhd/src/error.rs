@@ -6,8 +6,10 @@ use std::path::PathBuf;
 /// which file, which structure or field, and which byte offset.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// An operating-system I/O error.
-    #[error("{file}: I/O error while {context}: {source}")]
+    /// An operating-system I/O error. The message names the file and what was being done; the
+    /// OS error is the [`source`](std::error::Error::source) (print the whole chain, e.g. with
+    /// [`Error::full_text`], to show it).
+    #[error("{file}: I/O error while {context}")]
     Io {
         /// The file (or `<memory>`).
         file: String,
@@ -125,6 +127,19 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// The message followed by the text of each source, `: `-separated (what a log line or a
+    /// one-line report wants).
+    pub fn full_text(&self) -> String {
+        let mut out = self.to_string();
+        let mut cur = std::error::Error::source(self);
+        while let Some(s) = cur {
+            out.push_str(": ");
+            out.push_str(&s.to_string());
+            cur = s.source();
+        }
+        out
+    }
+
     pub(crate) fn io(file: &str, context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {
             file: file.to_string(),

@@ -32,7 +32,7 @@ impl Findings for FailFast {
         Err(e)
     }
     fn tolerable(&mut self, e: Error) {
-        tracing::debug!(error = %e, "tolerated while opening");
+        tracing::debug!(error = %e.full_text(), "tolerated while opening");
     }
 }
 
@@ -167,7 +167,7 @@ pub(crate) fn scan(
         Err(tail_err) => match copy() {
             // Dynamic disks keep a copy at offset 0: usable after a crash that lost the end.
             Ok(c) if c.disk_type != DiskType::Fixed => {
-                tracing::warn!(file = name, error = %tail_err, "trailing footer invalid; using the copy at offset 0");
+                tracing::warn!(file = name, error = %tail_err.full_text(), "trailing footer invalid; using the copy at offset 0");
                 f.tolerable(tail_err);
                 (c, false)
             }

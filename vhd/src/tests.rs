@@ -1084,3 +1084,17 @@ fn file_try_read_at_reads_cached_pages_and_declines_past_the_end() {
     assert_eq!(buf, data[4096..8192]);
     assert!(!io::BlockIo::try_read_at(&f, &mut buf, 10_000).unwrap());
 }
+
+#[test]
+fn an_io_error_keeps_the_os_error_as_its_source_without_repeating_it() {
+    let d = tmp();
+    let e = Disk::open(&d.path().join("missing.vhd"), false).unwrap_err();
+    let msg = e.to_string();
+    let source = std::error::Error::source(&e).expect("the OS error is the source");
+    assert!(!msg.contains(&source.to_string()), "{msg}");
+    assert!(
+        msg.contains("missing.vhd") && msg.contains("opening"),
+        "{msg}"
+    );
+    assert_eq!(e.full_text(), format!("{msg}: {source}"));
+}

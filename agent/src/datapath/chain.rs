@@ -42,7 +42,7 @@ pub fn vhd_error(e: vhd::Error) -> Error {
         {
             Error::Io(source)
         }
-        other => Error::Vhd(other.to_string()),
+        other => Error::Vhd(other.full_text()),
     }
 }
 

@@ -186,7 +186,7 @@ async fn create_overlay(leaf: PathBuf, ov: PathBuf) -> Result<()> {
         let tmp = ov.with_extension("vhd.part");
         let _ = std::fs::remove_file(&tmp);
         vhd::create_differencing(&tmp, &leaf, &vhd::CreateOptions::default())
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.full_text())?;
         std::fs::rename(&tmp, &ov).map_err(|e| e.to_string())?;
         if let Some(d) = ov.parent() {
             std::fs::File::open(d)

@@ -69,7 +69,7 @@ struct ComposeJournal {
 }
 
 fn vhd_err(what: &str, e: vhd::Error) -> Error {
-    backend(codes::VHD_ERROR, format!("{what}: {e}"))
+    backend(codes::VHD_ERROR, format!("{what}: {}", e.full_text()))
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -100,7 +100,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn vhd_err(what: &str, e: vhd::Error) -> crate::core::error::Error {
-    backend(codes::VHD_ERROR, format!("{what}: {e}"))
+    backend(codes::VHD_ERROR, format!("{what}: {}", e.full_text()))
 }
 
 fn merge_journal(sr: &Sr) -> PathBuf {

@@ -224,7 +224,7 @@ pub fn kick(_sr: &str) {
 }
 
 fn vhd_err(what: &str, e: vhd::Error) -> Error {
-    backend(codes::VHD_ERROR, format!("{what}: {e}"))
+    backend(codes::VHD_ERROR, format!("{what}: {}", e.full_text()))
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]

@@ -15,7 +15,10 @@ use vhd::format::{Footer, Header, FOOTER_SIZE, HEADER_SIZE};
 pub struct VhdFormat;
 
 fn vhd_err(what: &str, path: &Path, e: vhd::Error) -> interface::StorageError {
-    backend(codes::VHD_ERROR, format!("{what} {}: {e}", path.display()))
+    backend(
+        codes::VHD_ERROR,
+        format!("{what} {}: {}", path.display(), e.full_text()),
+    )
 }
 
 /// A file whose `sync` is left to the caller (the engine syncs staged files together, in one
