@@ -71,6 +71,12 @@ kernel_devices = "auto"
 # scan and udev/blkid probes of a new device wait there too), around a snapshot or clone, after
 # VDI.deactivate. Set a value only if it exceeds the longest such pause.
 kernel_timeout_secs = 0
+# Largest read (bytes) answered on a connection's own task when its data is cached (page
+# cache, cached VHD bitmaps); bigger or uncached reads go to the blocking pool. 0 = never.
+inline_read_max = 65536
+# Smallest read (bytes) sent zero-copy (file pages spliced through a pipe into the socket);
+# smaller reads are copied, which costs less than the pipe's system calls. 0 = never.
+zero_copy_min = 32768
 
 [gc]
 # Background garbage collection and coalescing of every attached SR's VHD chains. `ddstor sr gc`
@@ -185,8 +191,8 @@ impl XenstoreConfig {
     }
 }
 
-/// `[nbd]`: the NBD datapath's listeners.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// `[nbd]`: the NBD datapath's listeners and the server's tuning.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NbdConfig {
     /// Unix socket; empty = `<data_dir>/nbd.sock`.
@@ -194,9 +200,37 @@ pub struct NbdConfig {
     /// Optional loopback TCP address (`host:port`); empty = none.
     pub tcp: String,
     /// Kernel nbd devices for blkback: `true`, `false` or `"auto"` (default).
-    pub kernel_devices: crate::datapath::kernel::KernelDevices,
+    pub kernel_devices: nbd::kernel::KernelDevices,
     /// `NBD_SET_TIMEOUT` of those devices in seconds; 0 (default) = never time out.
     pub kernel_timeout_secs: u64,
+    /// [`nbd::ServerOptions::inline_read_max`].
+    pub inline_read_max: u64,
+    /// [`nbd::ServerOptions::zero_copy_min`].
+    pub zero_copy_min: u64,
+}
+
+impl Default for NbdConfig {
+    fn default() -> Self {
+        let o = nbd::ServerOptions::default();
+        NbdConfig {
+            socket: PathBuf::new(),
+            tcp: String::new(),
+            kernel_devices: Default::default(),
+            kernel_timeout_secs: 0,
+            inline_read_max: o.inline_read_max,
+            zero_copy_min: o.zero_copy_min,
+        }
+    }
+}
+
+impl NbdConfig {
+    /// The NBD server's tuning.
+    pub fn server_options(&self) -> nbd::ServerOptions {
+        nbd::ServerOptions {
+            inline_read_max: self.inline_read_max,
+            zero_copy_min: self.zero_copy_min,
+        }
+    }
 }
 
 /// `[gc]`: the background GC (see `differencing::online`).

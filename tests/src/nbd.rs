@@ -21,7 +21,7 @@ impl NbdServe {
         Self::start_env(file, extra, &[])
     }
 
-    /// Like [`NbdServe::start`], with extra environment variables (tuning knobs).
+    /// Like [`NbdServe::start`], with extra environment variables.
     pub fn start_env(file: &Path, extra: &[&str], env: &[(&str, &str)]) -> NbdServe {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("nbd.sock");

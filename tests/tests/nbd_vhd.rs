@@ -267,13 +267,9 @@ fn zero_copy_reads_of_a_mixed_chain_match_it_for_simple_structured_and_extended_
     let size: u64 = 12 << 20;
     let (leaf, flat) = mixed_chain(dir.path(), size);
     // Every read goes through the zero-copy path (no inline cached reads, no lower bound).
-    let srv = NbdServe::start_env(
+    let srv = NbdServe::start(
         &leaf,
-        &["--read-only"],
-        &[
-            ("DDSTOR_NBD_ZERO_COPY_MIN", "1"),
-            ("DDSTOR_NBD_INLINE_READ_MAX", "0"),
-        ],
+        &["--read-only", "--zero-copy-min=1", "--inline-read-max=0"],
     );
 
     // Structured replies: nbdcopy, 4 connections of 256 KiB requests.

@@ -1,10 +1,9 @@
 //! `ddstor nbd …`: serve a disk image over NBD from the command line, like `qemu-nbd`.
 
-use crate::datapath::{
-    BlockBackend, ChainBackend, ExportOptions, Exports, NbdServer, RawFileBackend,
-};
+use crate::datapath::{ChainBackend, RawFileBackend};
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
+use nbd::{BlockBackend, ExportOptions, Exports, NbdServer, ServerOptions};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -54,6 +53,24 @@ pub struct ServeArgs {
     /// Directory every member of a VHD chain must lie in (default: the file's directory).
     #[arg(long)]
     root: Option<PathBuf>,
+    /// Largest read (bytes) answered on the connection's own task when its data is cached;
+    /// 0 = never (as `[nbd] inline_read_max` of `ddstor serve`).
+    #[arg(long, value_name = "BYTES", default_value_t = nbd::ServerOptions::INLINE_READ_MAX)]
+    inline_read_max: u64,
+    /// Smallest read (bytes) sent zero-copy, spliced from the page cache; 0 = never (as
+    /// `[nbd] zero_copy_min` of `ddstor serve`).
+    #[arg(long, value_name = "BYTES", default_value_t = nbd::ServerOptions::ZERO_COPY_MIN)]
+    zero_copy_min: u64,
+}
+
+impl ServeArgs {
+    /// The server's tuning from the flags.
+    fn server_options(&self) -> ServerOptions {
+        ServerOptions {
+            inline_read_max: self.inline_read_max,
+            zero_copy_min: self.zero_copy_min,
+        }
+    }
 }
 
 /// Runs `ddstor nbd`.
@@ -116,7 +133,7 @@ fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
 
 fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let backend = open_backend(&a)?;
-    crate::datapath::splice::raise_open_file_limit();
+    nbd::raise_open_file_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -132,7 +149,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
                 ..Default::default()
             },
         )?;
-        let server = NbdServer::new(exports);
+        let server = NbdServer::with_options(exports, a.server_options());
         let listener = bind_unix(&a.socket)?;
         tracing::info!(socket = %a.socket.display(), file = %a.file.display(), size = export.size(), "serving NBD");
         let tcp = match &a.tcp {

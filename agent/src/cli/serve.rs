@@ -206,9 +206,9 @@ async fn restore_datapaths(storage: &Storage, dps: &Datapaths, sr: &str) {
 /// Creates the datapath layer and starts its NBD listeners (unix socket, optional TCP).
 async fn start_datapaths(cfg: &AgentConfig) -> anyhow::Result<Arc<Datapaths>> {
     let sock = cfg.nbd_socket();
-    let kernel = crate::datapath::kernel::KernelNbd::new(cfg.nbd.kernel_devices)
+    let kernel = nbd::kernel::KernelNbd::new(cfg.nbd.kernel_devices)
         .with_timeout(cfg.nbd.kernel_timeout_secs);
-    let dps = Datapaths::with_kernel(&sock, kernel);
+    let dps = Datapaths::with_options(&sock, kernel, cfg.nbd.server_options());
     dps.listen()
         .with_context(|| format!("serving NBD on unix socket {}", sock.display()))?;
     if let Some(addr) = cfg.nbd_tcp()? {
@@ -232,7 +232,7 @@ async fn wait_for_signal() -> anyhow::Result<&'static str> {
 async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating the data directory {}", cfg.data_dir.display()))?;
-    crate::datapath::splice::raise_open_file_limit();
+    nbd::raise_open_file_limit();
     let failpoints = Failpoints::from_env();
     if let Some(fp) = failpoints.armed() {
         tracing::warn!(

@@ -1,9 +1,9 @@
 //! [`BlockBackend`] for a VHD chain ([`vhd::Chain`]): reads through the chain, writes into the
 //! leaf, block status straight from the BATs and sector bitmaps.
 
-use super::backend::{BlockBackend, Extent, ExtentState};
-use super::splice::Piece;
-use super::Error;
+use nbd::backend::{BlockBackend, Extent, ExtentState};
+use nbd::splice::Piece;
+use nbd::Error;
 use std::path::Path;
 
 /// A VHD chain served as a disk.
@@ -42,7 +42,12 @@ pub fn vhd_error(e: vhd::Error) -> Error {
         {
             Error::Io(source)
         }
-        other => Error::Vhd(other.full_text()),
+        // The VHD error's whole text (its own sources included) as the backend's error: the
+        // NBD layer prints it once, with nothing under it to repeat.
+        other => Error::Backend {
+            what: "VHD",
+            source: other.full_text().into(),
+        },
     }
 }
 

@@ -20,15 +20,14 @@
 //! the new leaf; `SR.detach` tears its datapaths down first.
 
 use super::chain::ChainBackend;
-use super::export::{Export, ExportOptions, Exports};
-use super::kernel::{KernelDevice, KernelDevices, KernelNbd};
-use super::server::NbdServer;
 use crate::core::datapath::{CallFuture, DatapathHooks, HookFuture};
 use crate::core::error::{backend, Result};
 use crate::core::{Storage, VdiLock};
 use interface::{
     AttachInfo, BackendInfo, Call, DpStat, DpState, Implementation, Response, RoRw, StorageError,
 };
+use nbd::kernel::{KernelDevice, KernelDevices, KernelNbd};
+use nbd::{Export, ExportOptions, Exports, NbdServer, ServerOptions};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -152,7 +151,7 @@ async fn open_chain(
     vl: &VdiLock,
     vdi: &str,
     rw: bool,
-) -> Result<(Arc<dyn super::BlockBackend>, bool)> {
+) -> Result<(Arc<dyn nbd::BlockBackend>, bool)> {
     let (leaf, overlay) = serving_leaf(vl, vdi).await?;
     Ok((open_leaf(leaf, rw).await?, overlay))
 }
@@ -215,6 +214,8 @@ fn remove_overlay(ov: &Path) -> Result<()> {
 /// The datapath layer of the agent: the NBD server, its exports, and every VDI's dp states.
 pub struct Datapaths {
     socket: PathBuf,
+    /// The NBD server of the listeners (offering `exports`).
+    server: NbdServer,
     exports: Exports,
     vdis: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<VdiDps>>>>,
     /// Live exports by VDI, readable without the per-VDI lock (hooks run under the engine's
@@ -237,7 +238,7 @@ fn export_name(sr: &str, vdi: &str) -> String {
     format!("{sr}/{vdi}")
 }
 
-fn dp_error(what: &str, e: super::Error) -> StorageError {
+fn dp_error(what: &str, e: nbd::Error) -> StorageError {
     backend(interface::codes::IO_ERROR, format!("datapath: {what}: {e}"))
 }
 
@@ -250,6 +251,17 @@ impl Datapaths {
 
     /// Like [`Self::new`], attaching kernel nbd devices as `kernel` says.
     pub fn with_kernel(socket: impl Into<PathBuf>, kernel: KernelNbd) -> Arc<Self> {
+        Self::with_options(socket, kernel, ServerOptions::default())
+    }
+
+    /// Like [`Self::with_kernel`], serving NBD (listeners and kernel devices) with `options`
+    /// (`[nbd]` configuration).
+    pub fn with_options(
+        socket: impl Into<PathBuf>,
+        kernel: KernelNbd,
+        options: ServerOptions,
+    ) -> Arc<Self> {
+        let kernel = kernel.with_server_options(options);
         match kernel.mode() {
             KernelDevices::Auto if !kernel.enabled() => tracing::info!(
                 "no kernel nbd device (/dev/nbd0 missing: nbd module not loaded): \
@@ -271,9 +283,11 @@ impl Datapaths {
                 }
             }
         }
+        let exports = Exports::new();
         Arc::new(Datapaths {
             socket: socket.into(),
-            exports: Exports::new(),
+            server: NbdServer::with_options(exports.clone(), options),
+            exports,
             vdis: Mutex::default(),
             live: Mutex::default(),
             kernel,
@@ -307,7 +321,7 @@ impl Datapaths {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&self.socket, std::fs::Permissions::from_mode(0o600))?;
         }
-        let server = NbdServer::new(self.exports.clone());
+        let server = self.server.clone();
         tracing::info!(socket = %self.socket.display(), "NBD datapath listening");
         Ok(tokio::spawn(async move {
             if let Err(e) = server.serve_unix(listener).await {
@@ -322,7 +336,7 @@ impl Datapaths {
         addr: std::net::SocketAddr,
     ) -> std::io::Result<tokio::task::JoinHandle<()>> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
-        let server = NbdServer::new(self.exports.clone());
+        let server = self.server.clone();
         tracing::info!(%addr, "NBD datapath listening on TCP");
         Ok(tokio::spawn(async move {
             if let Err(e) = server.serve_tcp(listener).await {
@@ -833,7 +847,7 @@ impl Datapaths {
     }
 }
 
-async fn open_leaf(leaf: PathBuf, rw: bool) -> Result<Arc<dyn super::BlockBackend>> {
+async fn open_leaf(leaf: PathBuf, rw: bool) -> Result<Arc<dyn nbd::BlockBackend>> {
     let root = leaf
         .parent()
         .map(Path::to_path_buf)
@@ -949,9 +963,9 @@ mod tests {
     use RoRw::*;
 
     use crate::core::{StorageConfig, VdiCreate, VdiDerive};
-    use crate::datapath::kernel::fake::{Call as Ioctl, FakeKernel};
-    use crate::datapath::proto;
-    use crate::datapath::BlockBackend;
+    use nbd::kernel::fake::{Call as Ioctl, FakeKernel};
+    use nbd::proto;
+    use nbd::BlockBackend;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1391,23 +1405,15 @@ mod tests {
         fn read_only(&self) -> bool {
             self.inner.read_only()
         }
-        fn read_at(
-            &self,
-            buf: &mut [u8],
-            offset: u64,
-        ) -> std::result::Result<(), super::super::Error> {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::result::Result<(), nbd::Error> {
             self.inner.read_at(buf, offset)
         }
-        fn write_at(
-            &self,
-            buf: &[u8],
-            offset: u64,
-        ) -> std::result::Result<(), super::super::Error> {
+        fn write_at(&self, buf: &[u8], offset: u64) -> std::result::Result<(), nbd::Error> {
             self.inner.write_at(buf, offset)?;
             self.writes.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
-        fn flush(&self) -> std::result::Result<(), super::super::Error> {
+        fn flush(&self) -> std::result::Result<(), nbd::Error> {
             self.inner.flush()?;
             self.writes_at_flush
                 .store(self.writes.load(Ordering::SeqCst), Ordering::SeqCst);
@@ -1416,21 +1422,17 @@ mod tests {
             self.flushes.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
-        fn trim(&self, offset: u64, len: u64) -> std::result::Result<(), super::super::Error> {
+        fn trim(&self, offset: u64, len: u64) -> std::result::Result<(), nbd::Error> {
             self.inner.trim(offset, len)
         }
-        fn write_zeroes(
-            &self,
-            offset: u64,
-            len: u64,
-        ) -> std::result::Result<(), super::super::Error> {
+        fn write_zeroes(&self, offset: u64, len: u64) -> std::result::Result<(), nbd::Error> {
             self.inner.write_zeroes(offset, len)
         }
         fn block_status(
             &self,
             offset: u64,
             len: u64,
-        ) -> std::result::Result<Vec<super::super::Extent>, super::super::Error> {
+        ) -> std::result::Result<Vec<nbd::Extent>, nbd::Error> {
             self.inner.block_status(offset, len)
         }
     }

@@ -6,8 +6,8 @@
 //! `resume()` drops the write guard. While paused, the backend may be swapped (the leaf switch
 //! of a snapshot/clone) without any client noticing.
 
-use super::backend::BlockBackend;
-use super::Error;
+use crate::backend::BlockBackend;
+use crate::Error;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -213,7 +213,7 @@ impl Exports {
         backend: Arc<dyn BlockBackend>,
         opts: ExportOptions,
     ) -> Result<Arc<Export>, Error> {
-        if name.len() > super::proto::MAX_STRING || name.contains('\0') {
+        if name.len() > crate::proto::MAX_STRING || name.contains('\0') {
             return Err(Error::BadName(name.to_string()));
         }
         let mut m = self.inner.write().expect("poisoned");
@@ -252,8 +252,8 @@ impl Exports {
 
 #[cfg(test)]
 mod tests {
-    use super::super::backend::MemBackend;
     use super::*;
+    use crate::backend::MemBackend;
     use std::time::Duration;
 
     fn mem(size: u64) -> Arc<MemBackend> {

@@ -1,8 +1,8 @@
 //! NBD request headers (compact and extended): parsing never panics and what parses
 //! re-encodes to the same bytes.
 #![no_main]
-use ddstor::datapath::proto::{encode_request, parse_request, EXTENDED_REQUEST_LEN, REQUEST_LEN};
 use libfuzzer_sys::fuzz_target;
+use nbd::proto::{encode_request, parse_request, EXTENDED_REQUEST_LEN, REQUEST_LEN};
 
 fuzz_target!(|data: &[u8]| {
     for (extended, len) in [(false, REQUEST_LEN), (true, EXTENDED_REQUEST_LEN)] {

@@ -6,8 +6,8 @@
 #![no_main]
 #[path = "session_common.rs"]
 mod session_common;
-use ddstor::datapath::{ExportOptions, Exports, MemBackend};
 use libfuzzer_sys::fuzz_target;
+use nbd::{ExportOptions, Exports, MemBackend};
 use std::sync::{Arc, OnceLock};
 
 fn runtime() -> &'static tokio::runtime::Runtime {

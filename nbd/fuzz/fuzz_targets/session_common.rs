@@ -1,7 +1,7 @@
 //! What the session fuzz targets share: one client session played from fuzz bytes against a
 //! server connection.
 
-use ddstor::datapath::{serve_connection, Exports, NbdSink};
+use nbd::{serve_connection, Exports, NbdSink, ServerOptions};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
@@ -15,7 +15,10 @@ where
     CR: AsyncRead + Unpin + Send + 'static,
     CW: AsyncWrite + Unpin,
 {
-    let srv = tokio::spawn(serve_connection(sr, sw, exports));
+    let srv =
+        tokio::spawn(
+            async move { serve_connection(sr, sw, exports, &ServerOptions::default()).await },
+        );
     let drain = tokio::spawn(async move {
         let _ = tokio::io::copy(&mut cr, &mut tokio::io::sink()).await;
     });

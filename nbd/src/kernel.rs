@@ -3,7 +3,7 @@
 //!
 //! The classic ioctl interface is used, as `nbd-client` does: the kernel speaks only the
 //! transmission phase (simple replies, no handshake), so the agent's end of the socketpair is
-//! served by [`super::server::serve_negotiated`]. Connecting is `NBD_SET_BLKSIZE`,
+//! served by [`crate::server::serve_negotiated`]. Connecting is `NBD_SET_BLKSIZE`,
 //! `NBD_SET_SIZE_BLOCKS`, `NBD_CLEAR_SOCK`, `NBD_SET_SOCK`, `NBD_SET_FLAGS`, `NBD_SET_TIMEOUT`,
 //! `BLKROSET`, then `NBD_DO_IT` on a thread of its own (it blocks until the device is
 //! disconnected); disconnecting is `NBD_DISCONNECT` (the kernel sends `NBD_CMD_DISC`), after
@@ -38,7 +38,8 @@
 //! The ioctls sit behind [`NbdOps`] so their order is unit-tested without a device; only
 //! [`Ioctls`] touches the kernel (the only `unsafe` here).
 
-use super::export::Export;
+use crate::export::Export;
+use crate::server::ServerOptions;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -190,8 +191,8 @@ pub fn block_size_for(size: u64) -> u64 {
 /// The transmission flags a device is connected with: those of the export when writable,
 /// whatever the export's current mode (see the module's "Read-only").
 pub fn device_flags(export: &Export) -> u16 {
-    use super::proto::{TF_READ_ONLY, TF_SEND_FUA, TF_SEND_TRIM, TF_SEND_WRITE_ZEROES};
-    (super::server::kernel_transmission_flags(export) & !TF_READ_ONLY)
+    use crate::proto::{TF_READ_ONLY, TF_SEND_FUA, TF_SEND_TRIM, TF_SEND_WRITE_ZEROES};
+    (crate::server::kernel_transmission_flags(export) & !TF_READ_ONLY)
         | TF_SEND_FUA
         | TF_SEND_TRIM
         | TF_SEND_WRITE_ZEROES
@@ -201,6 +202,7 @@ pub fn device_flags(export: &Export) -> u16 {
 pub struct KernelNbd {
     mode: KernelDevices,
     timeout_secs: u64,
+    options: ServerOptions,
     dev_dir: PathBuf,
     sys_block: PathBuf,
     ops: Arc<dyn NbdOps>,
@@ -243,6 +245,7 @@ impl KernelNbd {
         KernelNbd {
             mode,
             timeout_secs: 0,
+            options: ServerOptions::default(),
             dev_dir: dev_dir.into(),
             sys_block: sys_block.into(),
             ops,
@@ -253,6 +256,12 @@ impl KernelNbd {
     /// Devices get `NBD_SET_TIMEOUT` `secs` (0 = never time out; see the module's "Timeout").
     pub fn with_timeout(mut self, secs: u64) -> KernelNbd {
         self.timeout_secs = secs;
+        self
+    }
+
+    /// The devices' connections are served with `options` (as the NBD listeners are).
+    pub fn with_server_options(mut self, options: ServerOptions) -> KernelNbd {
+        self.options = options;
         self
     }
 
@@ -344,9 +353,10 @@ impl KernelNbd {
                  VDI.activate; VDI.detach fails what still waits"
             );
         }
+        let options = self.options;
         let serve = tokio::spawn(async move {
             let (r, w) = ours.into_split();
-            if let Err(e) = super::server::serve_negotiated(r, w, export).await {
+            if let Err(e) = crate::server::serve_negotiated(r, w, export, &options).await {
                 tracing::info!(export = ename, error = %e, "kernel nbd connection ended");
             }
         });
@@ -468,11 +478,12 @@ impl<'de> serde::Deserialize<'de> for KernelDevices {
     }
 }
 
-/// A fake kernel behind [`NbdOps`] for the unit tests of this module and of the manager.
-#[cfg(test)]
-pub(crate) mod fake {
+/// A fake kernel behind [`NbdOps`] for the unit tests of this module and of crates that drive
+/// kernel nbd devices (feature `fake-kernel`).
+#[cfg(any(test, feature = "fake-kernel"))]
+pub mod fake {
     use super::NbdOps;
-    use crate::datapath::proto;
+    use crate::proto;
     use std::fs::File;
     use std::io::{self, Read, Write};
     use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -485,15 +496,25 @@ pub(crate) mod fake {
     /// One ioctl as the fake kernel saw it.
     #[derive(Debug, Clone, PartialEq, Eq)]
     pub enum Call {
+        /// `NBD_SET_BLKSIZE` (bytes).
         Blksize(u64),
+        /// `NBD_SET_SIZE_BLOCKS` (blocks).
         SizeBlocks(u64),
+        /// `NBD_CLEAR_SOCK`.
         ClearSock,
+        /// `NBD_SET_SOCK`.
         SetSock,
+        /// `NBD_SET_FLAGS` (transmission flags).
         Flags(u16),
+        /// `NBD_SET_TIMEOUT` (seconds).
         Timeout(u64),
+        /// `BLKROSET` (read-only or writable).
         ReadOnly(bool),
+        /// `NBD_DO_IT`.
         DoIt,
+        /// `NBD_CLEAR_QUE`.
         ClearQue,
+        /// `NBD_DISCONNECT`.
         Disconnect,
     }
 
@@ -711,9 +732,9 @@ pub(crate) mod fake {
 mod tests {
     use super::fake::{Call, FakeKernel};
     use super::*;
-    use crate::datapath::backend::{BlockBackend, MemBackend};
-    use crate::datapath::export::ExportOptions;
-    use crate::datapath::proto;
+    use crate::backend::{BlockBackend, MemBackend};
+    use crate::export::ExportOptions;
+    use crate::proto;
     use std::time::Duration;
 
     #[test]
