@@ -77,6 +77,9 @@ inline_read_max = 65536
 # Smallest read (bytes) sent zero-copy (file pages spliced through a pipe into the socket);
 # smaller reads are copied, which costs less than the pipe's system calls. 0 = never.
 zero_copy_min = 32768
+# Most NBD connections open at once on each listener (unix socket, TCP); one more is accepted
+# and closed at once, with a rate-limited warning. At least 1.
+max_connections = 1024
 
 [gc]
 # Background garbage collection and coalescing of every attached SR's VHD chains. `ddstor sr gc`
@@ -207,6 +210,8 @@ pub struct NbdConfig {
     pub inline_read_max: u64,
     /// [`nbd::ServerOptions::zero_copy_min`].
     pub zero_copy_min: u64,
+    /// [`nbd::ServerOptions::max_connections`].
+    pub max_connections: usize,
 }
 
 impl Default for NbdConfig {
@@ -219,6 +224,7 @@ impl Default for NbdConfig {
             kernel_timeout_secs: 0,
             inline_read_max: o.inline_read_max,
             zero_copy_min: o.zero_copy_min,
+            max_connections: o.max_connections,
         }
     }
 }
@@ -229,6 +235,7 @@ impl NbdConfig {
         nbd::ServerOptions {
             inline_read_max: self.inline_read_max,
             zero_copy_min: self.zero_copy_min,
+            max_connections: self.max_connections,
         }
     }
 }
@@ -470,6 +477,11 @@ impl AgentConfig {
                 self.nbd_socket().display()
             )));
         }
+        if self.nbd.max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "nbd.max_connections must be at least 1".into(),
+            ));
+        }
         if self.rpc.max_frame < 4096 || self.rpc.max_in_flight == 0 {
             return Err(ConfigError::Invalid(
                 "rpc.max_frame must be at least 4096 and rpc.max_in_flight at least 1".into(),
@@ -518,6 +530,28 @@ mod tests {
         assert!(c.validate().is_ok());
         c.vchan.clients.clear();
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn nbd_tuning_keys_reach_the_server_options_and_max_connections_must_be_positive() {
+        let c = AgentConfig::from_toml(
+            "[nbd]\ninline_read_max = 0\nzero_copy_min = 1\nmax_connections = 7\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        let o = c.nbd.server_options();
+        assert_eq!(
+            (o.inline_read_max, o.zero_copy_min, o.max_connections),
+            (0, 1, 7)
+        );
+        assert!(c.validate().is_ok());
+        let mut c = AgentConfig::default();
+        c.nbd.max_connections = 0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("max_connections"));
     }
 
     #[test]

@@ -22,7 +22,9 @@ pub mod splice;
 
 pub use backend::{BlockBackend, Extent, ExtentState, MemBackend};
 pub use export::{Export, ExportOptions, Exports};
-pub use server::{serve_connection, NbdServer, NbdSink, ServerOptions};
+pub use server::{
+    serve_connection, ListenerState, ListenerStatus, NbdServer, NbdSink, ServerOptions,
+};
 pub use splice::raise_open_file_limit;
 
 /// Errors of exports and backends.

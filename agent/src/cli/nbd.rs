@@ -61,6 +61,11 @@ pub struct ServeArgs {
     /// `[nbd] zero_copy_min` of `ddstor serve`).
     #[arg(long, value_name = "BYTES", default_value_t = nbd::ServerOptions::ZERO_COPY_MIN)]
     zero_copy_min: u64,
+    /// Most connections open at once on each listener; one more is closed at once (as
+    /// `[nbd] max_connections` of `ddstor serve`).
+    #[arg(long, value_name = "N", default_value_t = nbd::ServerOptions::MAX_CONNECTIONS as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: u64,
 }
 
 impl ServeArgs {
@@ -69,6 +74,7 @@ impl ServeArgs {
         ServerOptions {
             inline_read_max: self.inline_read_max,
             zero_copy_min: self.zero_copy_min,
+            max_connections: self.max_connections as usize,
         }
     }
 }

@@ -259,11 +259,13 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
             },
         );
     }
+    let nbd_diag = dps.clone();
     let server = Server::new(
         Arc::new(EngineService::with_datapaths(storage, dps)),
         cfg.rpc.max_frame,
         cfg.rpc.max_in_flight,
     );
+    server.add_diagnostics("nbd", move || nbd_diag.diagnostics());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;

@@ -223,6 +223,8 @@ pub struct Datapaths {
     live: Mutex<HashMap<Key, Live>>,
     /// Kernel nbd devices (`[nbd] kernel_devices`).
     kernel: KernelNbd,
+    /// Held while a stopped listener is replaced (one attach re-listens, not several).
+    relisten: Mutex<()>,
 }
 
 impl std::fmt::Debug for Datapaths {
@@ -291,6 +293,7 @@ impl Datapaths {
             vdis: Mutex::default(),
             live: Mutex::default(),
             kernel,
+            relisten: Mutex::default(),
         })
     }
 
@@ -321,13 +324,65 @@ impl Datapaths {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&self.socket, std::fs::Permissions::from_mode(0o600))?;
         }
-        let server = self.server.clone();
         tracing::info!(socket = %self.socket.display(), "NBD datapath listening");
-        Ok(tokio::spawn(async move {
+        Ok(self.serve_listener(listener))
+    }
+
+    /// Serves NBD on `listener`, bound at [`Self::socket`], in a background task. Transient
+    /// accept errors (descriptors exhausted…) are retried by the server; if the listening
+    /// socket fails for good, the next `VDI.attach*` listens again ([`Self::ensure_listening`]).
+    pub fn serve_listener(
+        &self,
+        listener: tokio::net::UnixListener,
+    ) -> tokio::task::JoinHandle<()> {
+        let server = self.server.clone();
+        tokio::spawn(async move {
             if let Err(e) = server.serve_unix(listener).await {
-                tracing::error!(error = %e, "NBD listener stopped");
+                tracing::error!(error = %e, "NBD listener stopped; the next VDI.attach listens again");
             }
-        }))
+        })
+    }
+
+    /// The status of the NBD unix listener, if one was started.
+    fn unix_listener(&self) -> Option<nbd::ListenerStatus> {
+        let name = format!("unix {}", self.socket.display());
+        self.server.listeners().into_iter().find(|l| l.name == name)
+    }
+
+    /// Before handing out a URI: if the NBD unix listener stopped for good, bind and serve the
+    /// socket again; if that fails too, fail (the URI would reach nobody).
+    fn ensure_listening(&self) -> Result<()> {
+        let _one = self.relisten.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(nbd::ListenerStatus {
+            state: nbd::ListenerState::Stopped { error },
+            ..
+        }) = self.unix_listener()
+        else {
+            return Ok(());
+        };
+        tracing::warn!(socket = %self.socket.display(), stopped = error, "NBD listener had stopped; listening again");
+        self.listen().map(drop).map_err(|e| {
+            backend(
+                interface::codes::IO_ERROR,
+                format!(
+                    "datapath: the NBD listener on {} stopped ({error}) and listening again failed \
+                     ({e}): its URIs would reach nobody; restart the agent",
+                    self.socket.display()
+                ),
+            )
+        })
+    }
+
+    /// For `Query.diagnostics`: one line per NBD listener (state, connections, refusals,
+    /// accept errors).
+    pub fn diagnostics(&self) -> String {
+        let lines: Vec<String> = self
+            .server
+            .listeners()
+            .iter()
+            .map(|l| format!("\n  {l}"))
+            .collect();
+        format!("{} listener(s){}", lines.len(), lines.concat())
     }
 
     /// Also serves NBD on a TCP address (loopback only; the caller checks) in a background task.
@@ -617,6 +672,7 @@ impl Datapaths {
         dp: &str,
         read_write: bool,
     ) -> Result<BackendInfo> {
+        self.ensure_listening()?;
         let m = if read_write { RoRw::RW } else { RoRw::RO };
         self.transition(st, sr, vdi, dp, Op::Attach(m)).await?;
         let mut implementations = vec![Implementation::Nbd {
@@ -1125,6 +1181,40 @@ mod tests {
         for op in [Op::Deactivate, Op::Detach] {
             dps.transition(st, SR, vdi, dp, op).await.unwrap();
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_attach_after_the_nbd_listener_stopped_listens_again_and_its_uri_works() {
+        let env = Env::new();
+        let (st, dps) = env.start().await;
+        // The listener's socket fails for good: a socket at the path that cannot accept
+        // (bound, never listening: accept says EINVAL, connect is refused).
+        std::fs::remove_file(&env.sock).unwrap();
+        let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+        s.bind(&socket2::SockAddr::unix(&env.sock).unwrap())
+            .unwrap();
+        s.set_nonblocking(true).unwrap();
+        let broken: std::os::unix::net::UnixListener = s.into();
+        dps.serve_listener(tokio::net::UnixListener::from_std(broken).unwrap());
+        let t0 = std::time::Instant::now();
+        while !dps.diagnostics().contains("STOPPED") {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "{}",
+                dps.diagnostics()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            UnixStream::connect(&env.sock).await.is_err(),
+            "nobody listens"
+        );
+
+        let vdi = new_vdi(&st).await;
+        let mut c = activate_and_connect(&env, &st, &dps, &vdi, "dp1").await;
+        write_ok(&mut c, 0, &[7; 512]).await;
+        let d = dps.diagnostics();
+        assert!(d.contains("accepting") && !d.contains("STOPPED"), "{d}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

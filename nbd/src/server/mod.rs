@@ -4,7 +4,10 @@
 //! [`ServerOptions`].
 
 mod handshake;
+mod listener;
 mod transmission;
+
+pub use listener::{ListenerState, ListenerStatus};
 
 use crate::export::{Export, Exports};
 use crate::proto::{self, ReplyStyle};
@@ -29,6 +32,9 @@ pub struct ServerOptions {
     /// [`crate::splice`]) when the connection is a socket; below it, copying costs less than
     /// the pipe's system calls. 0 = never. Default 32 KiB.
     pub zero_copy_min: u64,
+    /// Most connections open at once on one listener; one more is accepted and closed at once
+    /// (see `listener.rs`). At least 1. Default 1024.
+    pub max_connections: usize,
 }
 
 impl ServerOptions {
@@ -36,6 +42,9 @@ impl ServerOptions {
     pub const INLINE_READ_MAX: u64 = 64 << 10;
     /// Default of [`ServerOptions::zero_copy_min`].
     pub const ZERO_COPY_MIN: u64 = 32 << 10;
+    /// Default of [`ServerOptions::max_connections`]: far more than a driver domain's guests
+    /// open (a few per disk), few enough that their buffers cannot exhaust its memory.
+    pub const MAX_CONNECTIONS: usize = 1024;
 }
 
 impl Default for ServerOptions {
@@ -43,6 +52,7 @@ impl Default for ServerOptions {
         ServerOptions {
             inline_read_max: Self::INLINE_READ_MAX,
             zero_copy_min: Self::ZERO_COPY_MIN,
+            max_connections: Self::MAX_CONNECTIONS,
         }
     }
 }
@@ -117,11 +127,13 @@ impl NbdSink for tokio::io::DuplexStream {}
 
 impl<T: AsyncRead + AsyncWrite + Send + 'static> NbdSink for tokio::io::WriteHalf<T> {}
 
-/// An NBD server offering a run-time set of exports.
+/// An NBD server offering a run-time set of exports on any number of listeners.
 #[derive(Clone, Default)]
 pub struct NbdServer {
     exports: Exports,
     options: ServerOptions,
+    /// Every listener served, by name (one re-listening replaces the stopped one).
+    listeners: Arc<std::sync::Mutex<Vec<Arc<listener::Listener>>>>,
 }
 
 impl NbdServer {
@@ -132,7 +144,11 @@ impl NbdServer {
 
     /// A server offering `exports`, tuned by `options`.
     pub fn with_options(exports: Exports, options: ServerOptions) -> Self {
-        NbdServer { exports, options }
+        NbdServer {
+            exports,
+            options,
+            listeners: Default::default(),
+        }
     }
 
     /// Its options.
@@ -145,35 +161,78 @@ impl NbdServer {
         &self.exports
     }
 
-    /// Accepts connections on `listener` forever, serving each in its own task.
-    pub async fn serve_unix(&self, listener: tokio::net::UnixListener) -> std::io::Result<()> {
-        loop {
-            let (stream, _) = listener.accept().await?;
-            big_buffers(socket2::SockRef::from(&stream));
-            let (exports, options) = (self.exports.clone(), self.options);
-            tokio::spawn(async move {
-                let (r, w) = stream.into_split();
-                if let Err(e) = serve_connection(r, w, exports, &options).await {
-                    tracing::info!(error = %e, "NBD connection ended");
-                }
-            });
-        }
+    /// Every listener served so far (stopped ones included), in the order they started.
+    pub fn listeners(&self) -> Vec<ListenerStatus> {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|l| l.status())
+            .collect()
     }
 
-    /// Accepts connections on a TCP `listener` forever (loopback use), like [`Self::serve_unix`].
+    /// Registers a listener named `name`, replacing an earlier one of that name.
+    fn register(&self, name: String) -> Arc<listener::Listener> {
+        let l = listener::Listener::new(name, self.options.max_connections);
+        let mut all = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|o| o.name() != l.name());
+        all.push(l.clone());
+        l
+    }
+
+    /// Accepts connections on `listener`, serving each in its own task, until the listening
+    /// socket fails for good (transient accept errors are retried; see `listener.rs`). Its
+    /// status is listed by [`Self::listeners`] as `unix <path>`.
+    pub async fn serve_unix(&self, listener: tokio::net::UnixListener) -> std::io::Result<()> {
+        let path = listener
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+            .unwrap_or_else(|| "(unnamed)".into());
+        let l = self.register(format!("unix {path}"));
+        listener::run(
+            l,
+            |cx| listener.poll_accept(cx).map_ok(|(s, _)| s),
+            |stream: tokio::net::UnixStream, slot| {
+                big_buffers(socket2::SockRef::from(&stream));
+                let (exports, options) = (self.exports.clone(), self.options);
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    let (r, w) = stream.into_split();
+                    if let Err(e) = serve_connection(r, w, exports, &options).await {
+                        tracing::info!(error = %e, "NBD connection ended");
+                    }
+                });
+            },
+        )
+        .await
+    }
+
+    /// Accepts connections on a TCP `listener` (loopback use), like [`Self::serve_unix`];
+    /// listed as `tcp <address>`.
     pub async fn serve_tcp(&self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
-        loop {
-            let (stream, peer) = listener.accept().await?;
-            let _ = stream.set_nodelay(true);
-            big_buffers(socket2::SockRef::from(&stream));
-            let (exports, options) = (self.exports.clone(), self.options);
-            tokio::spawn(async move {
-                let (r, w) = stream.into_split();
-                if let Err(e) = serve_connection(r, w, exports, &options).await {
-                    tracing::info!(%peer, error = %e, "NBD connection ended");
-                }
-            });
-        }
+        let addr = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "(unbound)".into());
+        let l = self.register(format!("tcp {addr}"));
+        listener::run(
+            l,
+            |cx| listener.poll_accept(cx),
+            |(stream, peer): (tokio::net::TcpStream, std::net::SocketAddr), slot| {
+                let _ = stream.set_nodelay(true);
+                big_buffers(socket2::SockRef::from(&stream));
+                let (exports, options) = (self.exports.clone(), self.options);
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    let (r, w) = stream.into_split();
+                    if let Err(e) = serve_connection(r, w, exports, &options).await {
+                        tracing::info!(%peer, error = %e, "NBD connection ended");
+                    }
+                });
+            },
+        )
+        .await
     }
 }
 
@@ -279,4 +338,115 @@ async fn discard<R: AsyncRead + Unpin>(r: &mut R, mut n: u64) -> std::io::Result
         n -= k as u64;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::MemBackend;
+    use crate::export::ExportOptions;
+    use tokio::io::AsyncReadExt;
+
+    fn server(max_connections: usize) -> NbdServer {
+        let exports = Exports::new();
+        exports
+            .add(
+                "",
+                Arc::new(MemBackend::new(1 << 20, false)),
+                ExportOptions::default(),
+            )
+            .unwrap();
+        NbdServer::with_options(
+            exports,
+            ServerOptions {
+                max_connections,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Connects and reads the greeting's magic: `true` if it came, `false` on EOF.
+    async fn greeted(path: &std::path::Path) -> bool {
+        let mut s = tokio::net::UnixStream::connect(path).await.unwrap();
+        let mut g = [0u8; 8];
+        match s.read_exact(&mut g).await {
+            Ok(_) => &g == b"NBDMAGIC",
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => false,
+            Err(e) => panic!("reading the greeting: {e}"),
+        }
+    }
+
+    async fn wait_until(what: &str, f: impl Fn() -> bool) {
+        let t0 = std::time::Instant::now();
+        while !f() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_listener_closes_new_connections_at_once_until_one_leaves() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nbd.sock");
+        let srv = server(2);
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let s2 = srv.clone();
+        let task = tokio::spawn(async move { s2.serve_unix(listener).await });
+
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut s = tokio::net::UnixStream::connect(&path).await.unwrap();
+            let mut g = [0u8; 8];
+            s.read_exact(&mut g).await.unwrap();
+            held.push(s);
+        }
+        assert!(
+            !greeted(&path).await,
+            "a third connection is closed at once"
+        );
+        let st = &srv.listeners()[0];
+        assert_eq!(st.name, format!("unix {}", path.display()));
+        assert_eq!((st.connections, st.refused, st.accepted), (2, 1, 2));
+        assert_eq!(st.state, ListenerState::Accepting);
+
+        drop(held.pop());
+        wait_until("the closed connection's slot is freed", || {
+            srv.listeners()[0].connections == 1
+        })
+        .await;
+        assert!(greeted(&path).await, "a slot freed: served again");
+        task.abort();
+        let _ = task.await;
+        assert!(
+            matches!(srv.listeners()[0].state, ListenerState::Stopped { .. }),
+            "a dropped accept loop says it stopped"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_listening_socket_shut_down_stops_its_listener_and_says_why() {
+        let std_l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        std_l.set_nonblocking(true).unwrap();
+        let same = std_l.try_clone().unwrap();
+        let srv = server(8);
+        let l = tokio::net::TcpListener::from_std(std_l).unwrap();
+        let s2 = srv.clone();
+        let task = tokio::spawn(async move { s2.serve_tcp(l).await });
+        wait_until("the listener is registered", || !srv.listeners().is_empty()).await;
+        // accept(2) on a listening socket that was shut down fails with EINVAL: not transient.
+        socket2::SockRef::from(&same)
+            .shutdown(std::net::Shutdown::Both)
+            .unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the accept loop returns")
+            .unwrap();
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EINVAL));
+        let st = &srv.listeners()[0];
+        assert!(
+            matches!(&st.state, ListenerState::Stopped { error } if !error.is_empty()),
+            "{st}"
+        );
+        assert!(st.to_string().contains("STOPPED"), "{st}");
+    }
 }
