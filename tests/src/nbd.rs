@@ -61,6 +61,11 @@ impl NbdServe {
         format!("nbd+unix:///?socket={}", self.socket.display())
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// True while the server process is alive.
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

@@ -3,7 +3,7 @@
 //! concurrent connections gives its memory back once they are closed.
 
 use ddstor_e2e::agent::{new_uuid, Agent, AgentOptions};
-use ddstor_e2e::nbd::run_ok;
+use ddstor_e2e::nbd::{run_ok, NbdServe};
 use ddstor_e2e::require_tool;
 use serde_json::json;
 use std::io::Read;
@@ -123,5 +123,147 @@ fn an_nbd_listener_out_of_descriptors_serves_again_once_they_are_released() {
     assert!(
         diag.contains("nbd") && diag.contains("accept errors"),
         "diagnostics report the listener's accept errors:\n{diag}"
+    );
+}
+
+/// Resident memory of process `pid` in KiB (`VmRSS` of `/proc/<pid>/status`).
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// One client: connect (retrying while the listen backlog is full), handshake (fixed
+/// newstyle, NBD_OPT_GO on the default export), then one 4 KiB read at `offset`; the
+/// connection is returned open.
+async fn connect_and_read(socket: &Path, offset: u64) -> tokio::net::UnixStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t0 = Instant::now();
+    let mut s = loop {
+        match tokio::net::UnixStream::connect(socket).await {
+            Ok(s) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(t0.elapsed() < Duration::from_secs(30), "connect: {e}");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err(e) => panic!("connect: {e}"),
+        }
+    };
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).await.expect("greeting");
+    assert_eq!(&g[..8], b"NBDMAGIC");
+    let mut m = 3u32.to_be_bytes().to_vec(); // FIXED_NEWSTYLE | NO_ZEROES
+    m.extend_from_slice(b"IHAVEOPT");
+    m.extend_from_slice(&7u32.to_be_bytes()); // NBD_OPT_GO
+    m.extend_from_slice(&6u32.to_be_bytes());
+    m.extend_from_slice(&[0; 6]); // empty name, no info requests
+    s.write_all(&m).await.unwrap();
+    loop {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).await.expect("option reply");
+        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let mut d = vec![0u8; u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize];
+        s.read_exact(&mut d).await.unwrap();
+        if kind == 1 {
+            break; // NBD_REP_ACK
+        }
+        assert_eq!(kind, 3, "NBD_OPT_GO answered {kind:#x}");
+    }
+    let mut r = 0x2560_9513u32.to_be_bytes().to_vec();
+    r.extend_from_slice(&0u16.to_be_bytes()); // flags
+    r.extend_from_slice(&0u16.to_be_bytes()); // NBD_CMD_READ
+    r.extend_from_slice(&1u64.to_be_bytes()); // cookie
+    r.extend_from_slice(&offset.to_be_bytes());
+    r.extend_from_slice(&4096u32.to_be_bytes());
+    s.write_all(&r).await.unwrap();
+    let mut reply = [0u8; 16 + 4096];
+    s.read_exact(&mut reply).await.expect("read reply");
+    assert_eq!(&reply[4..8], &[0; 4], "the read failed");
+    s
+}
+
+#[test]
+fn memory_taken_by_a_burst_of_2000_connections_is_given_back_once_they_close() {
+    const N: usize = 2000;
+    // This process holds N client sockets: use the hard open-file limit.
+    let me = std::process::id();
+    let (_, hard) = nofile(me);
+    set_nofile(me, (hard, hard));
+    assert!(
+        hard as usize > N + 100,
+        "the open-file hard limit {hard} is too low for {N} clients"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    std::fs::write(&img, vec![0x5au8; 64 << 20]).unwrap();
+    let srv = NbdServe::start(&img, &["--format=raw", "--max-connections=4096"]);
+    let pid = srv.pid();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let socket = srv.socket.clone();
+    let burst = |n: usize| {
+        let socket = socket.clone();
+        rt.block_on(async move {
+            // At most 256 handshakes at a time (the listen backlog), all connections kept open.
+            let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
+            let tasks: Vec<_> = (0..n)
+                .map(|i| {
+                    let (socket, gate) = (socket.clone(), gate.clone());
+                    tokio::spawn(async move {
+                        let _p = gate.acquire().await.unwrap();
+                        connect_and_read(&socket, (i as u64 * 4096 * 7) % (64 << 20)).await
+                    })
+                })
+                .collect();
+            let mut open = Vec::with_capacity(n);
+            for t in tasks {
+                open.push(t.await.unwrap());
+            }
+            open
+        })
+    };
+    let fds_idle = open_fds(pid);
+    let settle = |what: &str| {
+        // Closed connections are torn down by the server's tasks: wait until their sockets
+        // are closed, then a moment for what frees after them.
+        let t0 = Instant::now();
+        while open_fds(pid) > fds_idle + 2 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "{what}: connections not closed"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    drop(burst(1));
+    settle("warm-up");
+    let before = rss_kib(pid);
+    let open = burst(N);
+    let peak = rss_kib(pid);
+    drop(open);
+    settle("burst");
+    // The server gives freed memory back within about a second of the last close.
+    let t0 = Instant::now();
+    let mut after = rss_kib(pid);
+    while after * 2 > before * 3 && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+        after = rss_kib(pid);
+    }
+    eprintln!(
+        "ddstor nbd serve RSS: {before} KiB before, {peak} KiB with {N} connections open, \
+         {after} KiB {:?} after they closed",
+        t0.elapsed()
+    );
+    assert!(
+        after * 2 <= before * 3,
+        "RSS after the burst ({after} KiB) is more than 1.5x the RSS before ({before} KiB; \
+         {peak} KiB with {N} connections open)"
     );
 }

@@ -13,11 +13,13 @@
 //!   the greeting), with a log line at most every [`LOG_EVERY`]: a client left waiting in the
 //!   backlog would hang without a word until its own timeout, and later clients would queue
 //!   behind it even once slots free up; closing costs one descriptor for an instant.
+//! - **Memory freed by closed connections goes back to the kernel**: a second after a
+//!   connection closes (at most once a second), [`crate::splice::release_free_memory`] runs.
 //! - Every listener has a [`ListenerStatus`] (state, connections, counters) that
 //!   [`super::NbdServer::listeners`] reports, for health checks and diagnostics.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -171,7 +173,35 @@ pub(super) struct ConnSlot(Arc<Listener>);
 impl Drop for ConnSlot {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Ordering::SeqCst);
+        release_memory_soon();
     }
+}
+
+/// A release of free memory is scheduled (one at a time, process-wide like the heap).
+static RELEASE_PENDING: AtomicBool = AtomicBool::new(false);
+/// Delay of that release after a connection closes: the rest of a burst closes meanwhile, and
+/// connections coming and going cost at most one release per this period.
+const RELEASE_AFTER: Duration = Duration::from_secs(1);
+
+/// After a connection closed: gives the heap's free memory back to the kernel
+/// ([`crate::splice::release_free_memory`]) within [`RELEASE_AFTER`], on the blocking pool.
+fn release_memory_soon() {
+    if RELEASE_PENDING.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        RELEASE_PENDING.store(false, Ordering::SeqCst);
+        return;
+    };
+    rt.spawn(async {
+        tokio::time::sleep(RELEASE_AFTER).await;
+        RELEASE_PENDING.store(false, Ordering::SeqCst);
+        let t0 = Instant::now();
+        if let Ok(released) = tokio::task::spawn_blocking(crate::splice::release_free_memory).await
+        {
+            tracing::debug!(released, took = ?t0.elapsed(), "free heap memory given back");
+        }
+    });
 }
 
 /// Marks the listener stopped if its loop ends without saying why (the future was dropped).

@@ -16,10 +16,19 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 
 /// Time a client has to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Read buffer of a connection: requests headers arrive many per read (512 compact ones fit);
+/// a write payload bigger than what is left of it is read straight into its own buffer. It is
+/// what an idle connection costs, so it is small (it was 256 KiB, with as much again to
+/// write: thousands of connections then held gigabytes; issue 19).
+const READ_BUFFER: usize = 16 << 10;
+/// Write buffer of the handshake (option replies are small). Replies of the transmission
+/// phase are written from their own buffers, with no buffer of the connection's.
+const HANDSHAKE_WRITE_BUFFER: usize = 4 << 10;
 
 /// Tuning of an [`NbdServer`] (the agent fills it from its `[nbd]` configuration).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,8 +278,8 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: NbdSink,
 {
-    let mut r = BufReader::with_capacity(256 << 10, r);
-    let mut w = BufWriter::with_capacity(256 << 10, w);
+    let mut r = BufReader::with_capacity(READ_BUFFER, r);
+    let mut w = BufWriter::with_capacity(HANDSHAKE_WRITE_BUFFER, w);
     let session = match tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         handshake::handshake(&mut r, &mut w, &exports),
@@ -284,7 +293,8 @@ where
         return Ok(());
     };
     tracing::debug!(export = session.export.name(), style = ?session.style, "NBD transmission");
-    transmission::transmission(r, w, session, options).await
+    w.flush().await?;
+    transmission::transmission(r, w.into_inner(), session, options).await
 }
 
 /// Serves one connection whose handshake happened elsewhere — the kernel's nbd driver, handed
@@ -300,8 +310,7 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: NbdSink,
 {
-    let r = BufReader::with_capacity(256 << 10, r);
-    let w = BufWriter::with_capacity(256 << 10, w);
+    let r = BufReader::with_capacity(READ_BUFFER, r);
     let session = Session {
         export,
         style: ReplyStyle::Simple,

@@ -6,7 +6,7 @@
 //! the export's pause gate and does its I/O on the blocking pool with positional I/O. Either
 //! way a finished reply (one contiguous buffer: header + payload, read straight into place; or
 //! a pipe holding it, see [`crate::splice`]) goes to the connection's writer task, which writes
-//! whatever has queued up with one flush. Replies therefore leave in completion order, not
+//! whatever has queued up with one vectored write, from the replies' own buffers. Replies therefore leave in completion order, not
 //! request order. Requests in flight per connection are bounded (count and bytes) and a permit
 //! is released only once its reply is written, so a client that never reads its replies stalls
 //! only itself.
@@ -18,7 +18,7 @@ use crate::proto::{self, errno, ReplyStyle, Request};
 use crate::splice::{FilledPipe, Piece, PipePool};
 use crate::Error;
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 /// Most requests in flight on one connection (as qemu's NBD server: more requests than this
@@ -79,7 +79,7 @@ struct Conn {
 /// still being worked on are written before it returns.
 pub(super) async fn transmission<R, W>(
     mut r: BufReader<R>,
-    w: BufWriter<W>,
+    w: W,
     s: Session,
     opts: &ServerOptions,
 ) -> Result<(), ConnError>
@@ -90,7 +90,7 @@ where
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
     let (abort_tx, abort_rx) = watch::channel(false);
     let abort_tx = Arc::new(abort_tx);
-    let pipes = w.get_ref().socket().is_some().then(PipePool::new);
+    let pipes = w.socket().is_some().then(PipePool::new);
     let writer = tokio::spawn(writer_task(w, rx, abort_tx.clone()));
     let conn = Arc::new(Conn {
         export: s.export.clone(),
@@ -215,18 +215,28 @@ where
     result
 }
 
+/// Replies written with one `writev` at most (well below `IOV_MAX`).
+const WRITE_BATCH: usize = 64;
+
+/// Writes replies as they come: whatever has queued up (up to [`WRITE_BATCH`]) leaves in one
+/// vectored write straight from the replies' own buffers, so a connection has no write buffer
+/// of its own (its memory is the replies in flight, bounded by the permits they hold).
 async fn writer_task<W: NbdSink>(
-    mut w: BufWriter<W>,
+    mut w: W,
     mut rx: mpsc::UnboundedReceiver<Reply>,
     abort: Arc<watch::Sender<bool>>,
 ) {
+    let mut batch: Vec<Reply> = Vec::new();
     let res: std::io::Result<()> = async {
         while let Some(rep) = rx.recv().await {
-            write_reply(&mut w, rep).await?;
-            while let Ok(rep) = rx.try_recv() {
-                write_reply(&mut w, rep).await?;
+            batch.push(rep);
+            while batch.len() < WRITE_BATCH {
+                match rx.try_recv() {
+                    Ok(rep) => batch.push(rep),
+                    Err(_) => break,
+                }
             }
-            w.flush().await?;
+            write_replies(&mut w, &mut batch).await?;
         }
         w.shutdown().await
     }
@@ -237,19 +247,78 @@ async fn writer_task<W: NbdSink>(
     }
 }
 
-/// Writes one reply: bytes into the buffer; a pipe (after what is buffered) straight into the
-/// socket. Pipe replies exist only on connections whose stream is a socket ([`Conn::pipes`]).
-async fn write_reply<W: NbdSink>(w: &mut BufWriter<W>, rep: Reply) -> std::io::Result<()> {
-    let mut pipe = match rep.body {
-        Body::Bytes(ref b) => return w.write_all(b).await,
-        Body::Pipe(pipe) => pipe,
-    };
-    w.flush().await?;
-    let sock = w.get_ref().socket().ok_or_else(|| {
+/// Writes `batch` in order and empties it (each reply's permits are released once it is
+/// written): runs of in-memory replies with vectored writes, pipes straight into the socket.
+/// Pipe replies exist only on connections whose stream is a socket ([`Conn::pipes`]).
+async fn write_replies<W: NbdSink>(w: &mut W, batch: &mut Vec<Reply>) -> std::io::Result<()> {
+    let mut start = 0;
+    while start < batch.len() {
+        let end = batch[start..]
+            .iter()
+            .position(|r| matches!(r.body, Body::Pipe(_)))
+            .map_or(batch.len(), |k| start + k);
+        if end > start {
+            let bufs: Vec<&[u8]> = batch[start..end]
+                .iter()
+                .map(|r| match &r.body {
+                    Body::Bytes(b) => b.as_slice(),
+                    Body::Pipe(_) => &[],
+                })
+                .collect();
+            write_all_vectored(w, &bufs).await?;
+        }
+        if let Some(Reply {
+            body: Body::Pipe(pipe),
+            ..
+        }) = batch.get_mut(end)
+        {
+            splice_all(w, pipe).await?;
+        }
+        start = end + 1;
+    }
+    batch.clear();
+    Ok(())
+}
+
+/// Writes every byte of `bufs`, in order, with as few vectored writes as the stream takes.
+async fn write_all_vectored<W: NbdSink>(w: &mut W, bufs: &[&[u8]]) -> std::io::Result<()> {
+    let (mut i, mut off) = (0usize, 0usize);
+    loop {
+        while i < bufs.len() && off == bufs[i].len() {
+            i += 1;
+            off = 0;
+        }
+        if i == bufs.len() {
+            return Ok(());
+        }
+        let mut iov = Vec::with_capacity(bufs.len() - i);
+        iov.push(std::io::IoSlice::new(&bufs[i][off..]));
+        iov.extend(bufs[i + 1..].iter().map(|b| std::io::IoSlice::new(b)));
+        let mut n = w.write_vectored(&iov).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let rest = bufs[i].len() - off;
+            if n < rest {
+                off += n;
+                n = 0;
+            } else {
+                n -= rest;
+                i += 1;
+                off = 0;
+            }
+        }
+    }
+}
+
+/// Moves a pipe reply into the socket under `w` (non-blocking splices, waiting for room).
+async fn splice_all<W: NbdSink>(w: &mut W, pipe: &mut FilledPipe) -> std::io::Result<()> {
+    let sock = w.socket().ok_or_else(|| {
         std::io::Error::other("internal error: a pipe reply on a stream that is not a socket")
     })?;
     while pipe.remaining() > 0 {
-        match sock.try_splice(&mut pipe) {
+        match sock.try_splice(pipe) {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 std::future::poll_fn(|cx| sock.poll_writable(cx)).await?;
